@@ -1,0 +1,74 @@
+# gptload: `make run` serves it, `make test` checks it. Both set up .venv themselves.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+TEST_DATABASE_DSN ?= mysql://root@127.0.0.1:3306/gptload
+TEST_REDIS_DSN ?= redis://127.0.0.1:6379/14
+PYTEST_ARGS ?=
+
+.PHONY: run test test-sqlite test-mysql lint format lock bench migrate clean system-deps
+
+run: $(VENV)/.installed
+	$(PY) manage.py serve
+
+test: $(VENV)/.installed-dev lint test-sqlite test-mysql
+
+test-sqlite: $(VENV)/.installed-dev
+	@echo "== tests on SQLite, in-process state =="
+	env -u DATABASE_DSN -u REDIS_DSN $(PY) -m pytest $(PYTEST_ARGS)
+
+test-mysql: $(VENV)/.installed-dev
+	@echo "== tests on MariaDB + Redis =="
+	.ci/services
+	DATABASE_DSN=$(TEST_DATABASE_DSN) REDIS_DSN=$(TEST_REDIS_DSN) $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy .
+
+format: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+migrate: $(VENV)/.installed
+	$(PY) manage.py migrate
+
+bench: $(VENV)/.installed-dev
+	$(PY) bench/run.py
+
+# Re-pin every dependency (transitive ones too) after editing requirements*.in.
+lock: $(VENV)/.installed-dev
+	$(VENV)/bin/pip-compile -q --strip-extras --no-header --allow-unsafe --no-emit-index-url \
+	  --no-emit-find-links -o requirements.txt requirements.in
+	$(VENV)/bin/pip-compile -q --strip-extras --no-header --allow-unsafe --no-emit-index-url \
+	  --no-emit-find-links -o requirements-dev.txt requirements-dev.in
+
+$(VENV)/bin/python:
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; gptload needs Python 3.11 (set PYTHON=...)" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: requirements.txt $(VENV)/bin/python | system-deps
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: requirements-dev.txt $(VENV)/.installed
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+# mysqlclient compiles against the MariaDB/MySQL client headers.
+system-deps:
+	@if ! pkg-config --exists mysqlclient 2>/dev/null && ! pkg-config --exists libmariadb 2>/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing the MariaDB client headers for mysqlclient..."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-libmysqlclient-dev pkg-config >/dev/null; \
+	  else \
+	    echo "error: mysqlclient needs the MySQL/MariaDB client headers:" >&2; \
+	    echo "  sudo apt-get install default-libmysqlclient-dev pkg-config   (Debian/Ubuntu)" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache staticfiles

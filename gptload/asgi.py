@@ -1,0 +1,22 @@
+"""The ASGI application: `uvicorn gptload.asgi:application` or `daphne gptload.asgi:application`.
+
+HTTP goes to Django; lifespan events start and stop the per-process services.
+"""
+
+from __future__ import annotations
+
+import os
+
+from gptload.lib.env import load_settings_or_exit
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gptload.settings")
+load_settings_or_exit()
+
+from channels.routing import ProtocolTypeRouter  # noqa: E402
+from django.core.asgi import get_asgi_application  # noqa: E402
+
+django_application = get_asgi_application()
+
+from gptload.lifespan import lifespan  # noqa: E402 - needs the apps loaded
+
+application = ProtocolTypeRouter({"http": django_application, "lifespan": lifespan})

@@ -1,0 +1,35 @@
+"""System checks on the operator's secrets: `manage.py check` and `serve` report them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import Tags, Warning, register
+
+from gptload.lib.secrets import weakness
+
+
+@register(Tags.security, deploy=False)
+def check_secrets(app_configs: Any = None, **kwargs: Any) -> list[Warning]:
+    warnings = []
+    auth_problem = weakness(settings.AUTH_KEY)
+    if auth_problem:
+        warnings.append(
+            Warning(
+                f"AUTH_KEY is weak: {auth_problem}.",
+                hint="Anyone who knows it controls the admin and every proxy group. "
+                "Set AUTH_KEY to a long random value, e.g. `python -c "
+                "\"import secrets; print('sk-' + secrets.token_urlsafe(36))\"`.",
+                id="gptload.W001",
+            )
+        )
+    if settings.ENCRYPTION_KEY and (problem := weakness(settings.ENCRYPTION_KEY)):
+        warnings.append(
+            Warning(
+                f"ENCRYPTION_KEY is weak: {problem}.",
+                hint="Choose a long random value, then re-encrypt with `manage.py migrate_keys`.",
+                id="gptload.W002",
+            )
+        )
+    return warnings

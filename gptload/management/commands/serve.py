@@ -1,0 +1,100 @@
+"""`manage.py serve`: check the stores, migrate (master only) and serve the ASGI app with uvicorn."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import uvicorn
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError, connection
+
+from gptload.lib.dsn import describe_database, mask_url
+from gptload.lib.secrets import weakness
+
+
+class Command(BaseCommand):
+    help = "Serve gptload (proxy, admin, API) on HOST:PORT with uvicorn."
+    requires_system_checks: list[str] = []
+    requires_migrations_checks = False
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--host", default=settings.HOST, help="default: HOST (%(default)s)")
+        parser.add_argument(
+            "--port", type=int, default=settings.PORT, help="default: PORT (%(default)s)"
+        )
+        parser.add_argument(
+            "--workers", type=int, default=settings.WEB_CONCURRENCY,
+            help="web worker processes (default: WEB_CONCURRENCY, %(default)s)",
+        )  # fmt: skip
+        parser.add_argument("--no-migrate", action="store_true", help="skip migrations")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        warn_about_secrets(self.stderr.write)
+        check_stores()
+        if settings.IS_SLAVE:
+            self.stdout.write("IS_SLAVE=true: not running migrations (the master node does).")
+        elif not options["no_migrate"]:
+            try:
+                call_command("migrate", interactive=False, verbosity=0)
+            except DatabaseError as exc:
+                raise CommandError(
+                    f"migrations failed on {describe_database(connection.settings_dict)}: {exc}"
+                ) from None
+        self.stdout.write(
+            f"gptload serving on http://{options['host']}:{options['port']} "
+            f"(admin /admin/, health /health; {describe_database(connection.settings_dict)}"
+            f"{', redis ' + mask_url(settings.REDIS_DSN) if settings.REDIS_DSN else ', no redis'})"
+        )
+        self.stdout.flush()
+        connection.close()  # the server's workers open their own
+        uvicorn.run(
+            "gptload.asgi:application",
+            host=options["host"],
+            port=options["port"],
+            workers=options["workers"],
+            lifespan="on",
+            log_config=None,  # Django's LOGGING (LOG_LEVEL, LOG_FORMAT, LOG_FILE_PATH) rules
+            timeout_keep_alive=settings.SERVER_IDLE_TIMEOUT,
+            timeout_graceful_shutdown=settings.SERVER_GRACEFUL_SHUTDOWN_TIMEOUT,
+            server_header=False,
+            proxy_headers=True,
+            forwarded_allow_ips="*",
+        )
+
+
+def check_stores() -> None:
+    """Raises `CommandError` with one line when the database or Redis cannot be reached."""
+    try:
+        connection.ensure_connection()
+    except DatabaseError as exc:
+        raise CommandError(
+            f"DATABASE_DSN: cannot connect to {describe_database(connection.settings_dict)}: {exc}"
+        ) from None
+    if settings.REDIS_DSN:
+        from django_redis import get_redis_connection
+        from redis.exceptions import RedisError
+
+        try:
+            get_redis_connection("default").ping()
+        except RedisError as exc:
+            raise CommandError(
+                f"REDIS_DSN: cannot connect to {mask_url(settings.REDIS_DSN)}: {exc}"
+            ) from None
+
+
+BANNER = "!" * 78
+
+
+def warn_about_secrets(write: Any) -> None:
+    problem = weakness(settings.AUTH_KEY)
+    if problem:
+        write(
+            f"{BANNER}\n!! WARNING: AUTH_KEY is weak: {problem}.\n"
+            "!! It opens the admin and, until you change the proxy_keys setting, every\n"
+            "!! proxy group. Set AUTH_KEY to a long random value before exposing this port.\n"
+            f"{BANNER}"
+        )
+        sys.stderr.flush()

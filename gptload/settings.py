@@ -1,0 +1,193 @@
+"""gptload settings.
+
+Static configuration comes from the environment (and a `.env` file in the working
+directory), with GPT-Load's variable names and defaults. Each variable is read once, here,
+through the typed helpers of `gptload.lib.env`, which stop startup with one line naming
+the variable when a value makes no sense. Hot-reloadable settings (retries, timeouts, …)
+live in the database: see `settings_app.registry`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+from gptload.lib import dsn
+from gptload.lib.env import ConfigError, Env
+from gptload.lib.logconfig import LEVELS, build_logging
+from gptload.lib.secrets import DEFAULT_AUTH_KEY
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+load_dotenv(Path.cwd() / ".env", override=False)
+env = Env()
+
+# --- server (GPT-Load names and defaults) ---
+PORT = env.integer("PORT", 3001, minimum=1, maximum=65535)
+HOST = env.string("HOST", "0.0.0.0")
+SERVER_READ_TIMEOUT = env.integer("SERVER_READ_TIMEOUT", 60, minimum=1)
+SERVER_WRITE_TIMEOUT = env.integer("SERVER_WRITE_TIMEOUT", 600, minimum=1)
+SERVER_IDLE_TIMEOUT = env.integer("SERVER_IDLE_TIMEOUT", 120, minimum=1)
+# GPT-Load bumps anything below 10 s to 10 s; we refuse it instead of silently changing it.
+SERVER_GRACEFUL_SHUTDOWN_TIMEOUT = env.integer("SERVER_GRACEFUL_SHUTDOWN_TIMEOUT", 10, minimum=10)
+WEB_CONCURRENCY = env.integer("WEB_CONCURRENCY", 1, minimum=1, maximum=64)
+IS_SLAVE = env.boolean("IS_SLAVE", False)
+MAX_CONCURRENT_REQUESTS = env.integer("MAX_CONCURRENT_REQUESTS", 100, minimum=1)
+
+# --- secrets ---
+# Empty counts as unset: the published default, with a loud warning at startup.
+AUTH_KEY = env.string("AUTH_KEY") or DEFAULT_AUTH_KEY
+ENCRYPTION_KEY = env.string("ENCRYPTION_KEY", "")
+# Django's own signing key (sessions, CSRF) is derived from the operator's secrets so that
+# every node of a cluster agrees on it without one more variable to set.
+SECRET_KEY = hashlib.sha256(f"gptload:{AUTH_KEY}:{ENCRYPTION_KEY}".encode()).hexdigest()
+
+# --- stores ---
+DATABASE_DSN = env.string("DATABASE_DSN", "")
+DATABASES = {"default": dsn.parse_database(DATABASE_DSN, BASE_DIR)}
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    dsn.ensure_sqlite_directory(DATABASES["default"]["NAME"])
+REDIS_DSN = dsn.parse_redis(env.string("REDIS_DSN", ""))
+DATA_DIR = BASE_DIR / "data"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+if REDIS_DSN:
+    CACHES = {
+        "default": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": REDIS_DSN,
+            "KEY_PREFIX": "gptload",
+            "OPTIONS": {
+                "SOCKET_CONNECT_TIMEOUT": 2,
+                "SOCKET_TIMEOUT": 2,
+            },
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+# --- CORS (applied by django-cors-headers) ---
+ENABLE_CORS = env.boolean("ENABLE_CORS", False)
+ALLOWED_ORIGINS = env.items("ALLOWED_ORIGINS", "")
+ALLOWED_METHODS = [m.upper() for m in env.items("ALLOWED_METHODS", "GET,POST,PUT,DELETE,OPTIONS")]
+ALLOWED_HEADERS = env.items("ALLOWED_HEADERS", "*")
+ALLOW_CREDENTIALS = env.boolean("ALLOW_CREDENTIALS", False)
+if ENABLE_CORS and not ALLOWED_ORIGINS:
+    raise ConfigError(
+        "ALLOWED_ORIGINS", "ENABLE_CORS is on but no origin is allowed (use * or a list)"
+    )
+CORS_ALLOW_ALL_ORIGINS = "*" in ALLOWED_ORIGINS
+CORS_ALLOWED_ORIGINS = [o for o in ALLOWED_ORIGINS if o != "*"]
+CORS_ALLOW_METHODS = ALLOWED_METHODS
+CORS_ALLOW_HEADERS = ALLOWED_HEADERS
+CORS_ALLOW_CREDENTIALS = ALLOW_CREDENTIALS
+
+# --- logging ---
+LOG_LEVEL = env.choice("LOG_LEVEL", "info", tuple(LEVELS))
+LOG_FORMAT = env.choice("LOG_FORMAT", "text", ("text", "json"))
+LOG_ENABLE_FILE = env.boolean("LOG_ENABLE_FILE", False)
+LOG_FILE_PATH = Path(env.string("LOG_FILE_PATH", "data/logs/app.log"))
+if not LOG_FILE_PATH.is_absolute():
+    LOG_FILE_PATH = BASE_DIR / LOG_FILE_PATH
+if LOG_ENABLE_FILE:
+    try:
+        LOG_FILE_PATH.parent.mkdir(parents=True, exist_ok=True)
+        LOG_FILE_PATH.touch()
+    except OSError as exc:
+        raise ConfigError(
+            "LOG_FILE_PATH", f"cannot write {LOG_FILE_PATH}: {exc.strerror}"
+        ) from None
+LOGGING = build_logging(LOG_LEVEL, LOG_FORMAT, LOG_FILE_PATH if LOG_ENABLE_FILE else None)
+
+# --- time ---
+TIME_ZONE = env.timezone("TZ", "UTC")
+USE_TZ = True
+USE_I18N = True
+LANGUAGE_CODE = "en-us"
+
+# --- Django ---
+DEBUG = env.boolean("DJANGO_DEBUG", False)
+ALLOWED_HOSTS = ["*"]  # a gateway answers whatever name it is reached by
+CSRF_TRUSTED_ORIGINS = env.items("CSRF_TRUSTED_ORIGINS", "")
+INSTALLED_APPS = [
+    "daphne",  # must precede staticfiles: it provides `runserver` on ASGI
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "corsheaders",
+    "channels",
+    "django_celery_beat",
+    "gptload",
+    "settings_app",
+    "keys",
+    "logs",
+    "proxy",
+]
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "servestatic.middleware.ServeStaticMiddleware",
+    *(["corsheaders.middleware.CorsMiddleware"] if ENABLE_CORS else []),
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+ROOT_URLCONF = "gptload.urls"
+ASGI_APPLICATION = "gptload.asgi.application"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+STATIC_URL = "static/"
+# Set STATIC_ROOT (as the Docker image does) to serve collected files; without it the
+# files are served straight from the apps' static folders, no collectstatic step needed.
+STATIC_ROOT = env.string("STATIC_ROOT") or None
+SERVESTATIC_USE_FINDERS = STATIC_ROOT is None
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "strict-origin-when-cross-origin"
+X_FRAME_OPTIONS = "SAMEORIGIN"
+
+CHANNEL_LAYERS = {
+    "default": (
+        {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_DSN]}}
+        if REDIS_DSN
+        else {"BACKEND": "channels.layers.InMemoryChannelLayer"}
+    )
+}
+
+# --- Celery (gptload/celery.py reads the CELERY_ names) ---
+CELERY_BROKER_URL = REDIS_DSN or "filesystem://"
+CELERY_BROKER_TRANSPORT_OPTIONS = (
+    {}
+    if REDIS_DSN
+    else {
+        "data_folder_in": str(DATA_DIR / "celery" / "queue"),
+        "data_folder_out": str(DATA_DIR / "celery" / "queue"),
+        "control_folder": str(DATA_DIR / "celery" / "control"),
+    }
+)
+CELERY_RESULT_BACKEND = None
+CELERY_TIMEZONE = TIME_ZONE
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.db import models
+
+from settings_app import registry
+
+
+class SystemSettingQuerySet(models.QuerySet["SystemSetting"]):
+    def typed_values(self) -> dict[str, Any]:
+        """The stored system values, typed through the registry (unknown keys ignored)."""
+        stored = dict(self.values_list("setting_key", "setting_value"))
+        return registry.parse_system_values(stored)
+
+    def effective(self, group_config: dict[str, Any] | None = None) -> dict[str, Any]:
+        return registry.effective(group_config, self.typed_values())
+
+
+class SystemSetting(models.Model):
+    """A system setting whose value differs from the registry default (GPT-Load's table)."""
+
+    setting_key = models.CharField(max_length=255, unique=True)
+    setting_value = models.TextField()
+    description = models.CharField(max_length=512, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = SystemSettingQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["setting_key"]
+        verbose_name = "system setting"
+
+    def __str__(self) -> str:
+        return self.setting_key
+
+    @property
+    def definition(self) -> registry.Setting:
+        return registry.get(self.setting_key)
+
+    def clean(self) -> None:
+        try:
+            definition = registry.get(self.setting_key)
+            self.setting_value = definition.serialize(definition.parse(self.setting_value))
+        except registry.SettingError as exc:
+            raise ValidationError({"setting_value": str(exc)}) from None
+        if not self.description:
+            self.description = definition.description
+
+
+def seed_first_boot_settings(**kwargs: Any) -> None:
+    """GPT-Load pins the global proxy keys to AUTH_KEY at first boot; so do we.
+
+    Later changes of AUTH_KEY then change the admin key only, not what clients use.
+    """
+    definition = registry.get("proxy_keys")
+    SystemSetting.objects.using(kwargs.get("using", "default")).get_or_create(
+        setting_key=definition.key,
+        defaults={
+            "setting_value": definition.parse(definition.default_value()),
+            "description": definition.description,
+        },
+    )

@@ -1,0 +1,243 @@
+"""The typed registry of hot-reloadable settings (GPT-Load's 18, same keys and meanings).
+
+Effective value of a setting for a group: the group's override (`Group.config`) if it has
+one, else the system value stored in `SystemSetting`, else the default here. Every writer
+(admin form, REST API, group config) validates through `Setting.parse`, so a bad value is
+refused with a reason before it is stored.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.conf import settings as django_settings
+
+
+class SettingError(ValueError):
+    """A setting value is refused; the message says which setting and why."""
+
+
+BASIC = "Basic"
+REQUEST = "Request settings"
+KEYS = "Key configuration"
+STATUS_RANGE = re.compile(r"^(\d{3})(?:-(\d{3}))?$")
+
+
+def parse_status_codes(spec: str) -> frozenset[int]:
+    """HTTP statuses from a spec such as `401-403,408,429,500-599`; "" is no status."""
+    codes: set[int] = set()
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        match = STATUS_RANGE.match(part.replace(" ", ""))
+        if not match:
+            raise SettingError(f"{part!r} is not a status code or a range like 500-599")
+        low, high = int(match[1]), int(match[2] or match[1])
+        if not (100 <= low <= high <= 999):
+            raise SettingError(f"{part!r} must lie within 100-999, low to high")
+        codes.update(range(low, high + 1))
+    return frozenset(codes)
+
+
+def _status_codes(value: str) -> str:
+    parse_status_codes(value)
+    return ",".join(p.strip().replace(" ", "") for p in value.split(",") if p.strip())
+
+
+def _key_list(value: str) -> str:
+    keys = dict.fromkeys(k.strip() for k in value.split(",") if k.strip())
+    return ",".join(keys)
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise SettingError(f"{value!r} is not an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+def _proxy_url(value: str) -> str:
+    if not value:
+        return ""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https", "socks5", "socks5h") or not parts.hostname:
+        raise SettingError(f"{value!r} is not an http://, https:// or socks5:// proxy URL")
+    return value
+
+
+def _app_url_default() -> str:
+    host = (
+        django_settings.HOST if django_settings.HOST not in ("", "0.0.0.0", "::") else "localhost"
+    )
+    return f"http://{host}:{django_settings.PORT}"
+
+
+def _proxy_keys_default() -> str:
+    return str(django_settings.AUTH_KEY)
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    kind: type
+    default: Any
+    name: str
+    description: str
+    category: str
+    minimum: int | None = None
+    group_overridable: bool = False
+    required: bool = False
+    normalize: Callable[[str], str] | None = field(default=None, compare=False)
+
+    def default_value(self) -> Any:
+        return self.default() if callable(self.default) else self.default
+
+    def parse(self, raw: Any) -> Any:
+        """The typed value of `raw` (JSON value or stored text); raises `SettingError`."""
+        try:
+            value = self._convert(raw)
+        except SettingError as exc:
+            raise SettingError(f"{self.key}: {exc}") from None
+        return value
+
+    def _convert(self, raw: Any) -> Any:
+        if self.kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise SettingError(f"expected true or false, got {raw!r}")
+        if self.kind is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise SettingError(f"expected a whole number, got {raw!r}")
+            try:
+                number = int(raw) if not isinstance(raw, str) else int(raw.strip())
+            except (TypeError, ValueError):
+                raise SettingError(f"expected a whole number, got {raw!r}") from None
+            if self.minimum is not None and number < self.minimum:
+                raise SettingError(f"must be at least {self.minimum}, got {number}")
+            return number
+        if not isinstance(raw, str):
+            raise SettingError(f"expected text, got {raw!r}")
+        text = raw.strip()
+        if self.normalize is not None:
+            text = self.normalize(text)
+        if self.required and not text:
+            raise SettingError("must not be empty")
+        return text
+
+    def serialize(self, value: Any) -> str:
+        if self.kind is bool:
+            return "true" if value else "false"
+        return str(value)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("app_url", str, _app_url_default, "Project URL",
+            "Base URL shown for group endpoints (e.g. https://gateway.example.com).",
+            BASIC, required=True, normalize=_http_url),
+    Setting("proxy_keys", str, _proxy_keys_default, "Global proxy keys",
+            "Comma-separated keys that clients may use on every group. Seeded from AUTH_KEY.",
+            BASIC, required=True, normalize=_key_list),
+    Setting("request_log_retention_days", int, 7, "Log retention (days)",
+            "Request logs older than this are deleted; 0 keeps them forever.", BASIC, minimum=0),
+    Setting("request_log_write_interval_minutes", int, 1, "Log write interval (minutes)",
+            "How often buffered request logs are written; 0 writes each at once.",
+            BASIC, minimum=0),
+    Setting("enable_request_body_logging", bool, False, "Log request bodies",
+            "Store each request body (and user agent) with its log row.",
+            BASIC, group_overridable=True),
+    Setting("request_timeout", int, 600, "Request timeout (s)",
+            "Total time allowed for a non-streaming upstream request.",
+            REQUEST, minimum=1, group_overridable=True),
+    Setting("connect_timeout", int, 15, "Connect timeout (s)",
+            "Time allowed to open a connection to the upstream.",
+            REQUEST, minimum=1, group_overridable=True),
+    Setting("idle_conn_timeout", int, 120, "Idle connection timeout (s)",
+            "How long an idle upstream connection is kept for reuse.",
+            REQUEST, minimum=1, group_overridable=True),
+    Setting("response_header_timeout", int, 600, "Response header timeout (s)",
+            "Time allowed for the upstream to send its response headers (first byte).",
+            REQUEST, minimum=1, group_overridable=True),
+    Setting("max_idle_conns", int, 100, "Max idle connections",
+            "Upstream connections kept open for reuse, in all.",
+            REQUEST, minimum=1, group_overridable=True),
+    Setting("max_idle_conns_per_host", int, 50, "Max idle connections per host",
+            "Upstream connections kept open for reuse, per upstream host.",
+            REQUEST, minimum=1, group_overridable=True),
+    Setting("proxy_url", str, "", "Outbound proxy",
+            "HTTP, HTTPS or SOCKS5 proxy for upstream calls; empty uses HTTP(S)_PROXY.",
+            REQUEST, group_overridable=True, normalize=_proxy_url),
+    Setting("max_retries", int, 3, "Max retries",
+            "Extra attempts, each on another key, before an error reaches the client.",
+            KEYS, minimum=0, group_overridable=True),
+    Setting("blacklist_threshold", int, 3, "Blacklist threshold",
+            "Consecutive failures (5xx, timeouts) after which a key is marked invalid; "
+            "0 never benches a key for them.", KEYS, minimum=0, group_overridable=True),
+    Setting("failover_status_codes", str, "401-403,408,429,500-599", "Failover status codes",
+            "Upstream statuses that retry on another key (ranges allowed); empty: none. "
+            "GPT-Load's default 400-403,405-999 also retried the client's own mistakes.",
+            KEYS, group_overridable=True, normalize=_status_codes),
+    Setting("key_validation_interval_minutes", int, 60, "Key validation interval (minutes)",
+            "How often invalid keys are re-checked and restored when they work again.",
+            KEYS, minimum=1, group_overridable=True),
+    Setting("key_validation_concurrency", int, 10, "Key validation concurrency",
+            "Keys validated at the same time per group (keep below 20 on SQLite).",
+            KEYS, minimum=1, group_overridable=True),
+    Setting("key_validation_timeout_seconds", int, 20, "Key validation timeout (s)",
+            "Time allowed for one key validation call.", KEYS, minimum=1, group_overridable=True),
+)  # fmt: skip
+REGISTRY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+GROUP_OVERRIDABLE = frozenset(s.key for s in SETTINGS if s.group_overridable)
+
+
+def get(key: str) -> Setting:
+    try:
+        return REGISTRY[key]
+    except KeyError:
+        raise SettingError(f"unknown setting {key!r}") from None
+
+
+def defaults() -> dict[str, Any]:
+    return {s.key: s.default_value() for s in SETTINGS}
+
+
+def parse_system_values(stored: Mapping[str, str]) -> dict[str, Any]:
+    """Typed system values from stored text; unknown keys are ignored, bad ones refused."""
+    return {key: REGISTRY[key].parse(raw) for key, raw in stored.items() if key in REGISTRY}
+
+
+def validate_group_config(config: Any) -> dict[str, Any]:
+    """A group's overrides, typed and checked; `None` values are dropped (as in GPT-Load).
+
+    Raises `SettingError` for a non-object, an unknown key, a setting that groups cannot
+    override, or a bad value.
+    """
+    if not isinstance(config, Mapping):
+        raise SettingError("config must be an object of setting overrides")
+    cleaned: dict[str, Any] = {}
+    for key, raw in config.items():
+        if raw is None:
+            continue
+        if key not in REGISTRY:
+            raise SettingError(f"unknown config field {key!r}")
+        if key not in GROUP_OVERRIDABLE:
+            raise SettingError(f"{key!r} is a system-wide setting and cannot be set per group")
+        cleaned[key] = REGISTRY[key].parse(raw)
+    return cleaned
+
+
+def effective(group_config: Mapping[str, Any] | None, system: Mapping[str, Any]) -> dict[str, Any]:
+    """Every setting's value for a group: group override > system value > default."""
+    values = defaults()
+    values.update(system)
+    if group_config:
+        values.update({k: v for k, v in group_config.items() if k in GROUP_OVERRIDABLE})
+    return values
