@@ -28,7 +28,7 @@ def check_secrets(app_configs: Any = None, **kwargs: Any) -> list[Warning]:
         warnings.append(
             Warning(
                 f"ENCRYPTION_KEY is weak: {problem}.",
-                hint="Choose a long random value, then re-encrypt with `manage.py migrate_keys`.",
+                hint="Choose a long random value; keys stored under it must be re-encrypted if it changes.",
                 id="gptload.W002",
             )
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any
 
@@ -50,6 +51,9 @@ class Command(BaseCommand):
         )
         self.stdout.flush()
         connection.close()  # the server's workers open their own
+        # uvicorn re-raises SIGTERM once it has shut down gracefully; exit 0 then, as a
+        # clean stop should look to a supervisor.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         uvicorn.run(
             "gptload.asgi:application",
             host=options["host"],

@@ -1,0 +1,172 @@
+"""Fixtures shared by every app's tests: the store the run is on, and real server processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from django.conf import settings
+
+ROOT = Path(__file__).resolve().parent
+ON_MYSQL = settings.DATABASES["default"]["ENGINE"].endswith("mysql")
+ON_REDIS = bool(settings.REDIS_DSN)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def base_env(**overrides: str) -> dict[str, str]:
+    """The environment for a child process: this one's, minus gptload's own variables."""
+    env = {k: v for k, v in os.environ.items() if k not in GPTLOAD_VARS}
+    env.update(overrides)
+    return env
+
+
+GPTLOAD_VARS = frozenset(
+    [
+        "PORT",
+        "HOST",
+        "SERVER_READ_TIMEOUT",
+        "SERVER_WRITE_TIMEOUT",
+        "SERVER_IDLE_TIMEOUT",
+        "SERVER_GRACEFUL_SHUTDOWN_TIMEOUT",
+        "WEB_CONCURRENCY",
+        "IS_SLAVE",
+        "TZ",
+        "AUTH_KEY",
+        "ENCRYPTION_KEY",
+        "DATABASE_DSN",
+        "REDIS_DSN",
+        "MAX_CONCURRENT_REQUESTS",
+        "ENABLE_CORS",
+        "ALLOWED_ORIGINS",
+        "ALLOWED_METHODS",
+        "ALLOWED_HEADERS",
+        "ALLOW_CREDENTIALS",
+        "LOG_LEVEL",
+        "LOG_FORMAT",
+        "LOG_ENABLE_FILE",
+        "LOG_FILE_PATH",
+        "DJANGO_SETTINGS_MODULE",
+    ]
+)
+
+
+def manage(
+    *args: str, env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "manage.py"), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def store_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Environment of a migrated database (and Redis) of its own, for server processes.
+
+    On the MariaDB run it is a fresh `test_gptload_srv_*` database, dropped at the end;
+    otherwise a SQLite file in a temporary directory.
+    """
+    if ON_MYSQL:
+        import MySQLdb
+
+        db = settings.DATABASES["default"]
+        name = f"test_gptload_srv_{uuid.uuid4().hex[:8]}"
+        admin = MySQLdb.connect(
+            host=db["HOST"] or "127.0.0.1",
+            port=int(db["PORT"] or 3306),
+            user=db["USER"],
+            passwd=db["PASSWORD"],
+        )
+        admin.cursor().execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+        user = f"{db['USER']}:{db['PASSWORD']}" if db["PASSWORD"] else db["USER"]
+        dsn = f"mysql://{user}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 3306}/{name}"
+    else:
+        dsn = f"sqlite:///{tmp_path_factory.mktemp('serverdb') / 'gptload.db'}"
+    env = base_env(DATABASE_DSN=dsn, AUTH_KEY="sk-test-0123456789abcdefghij", LOG_LEVEL="warning")
+    if ON_REDIS:
+        env["REDIS_DSN"] = settings.REDIS_DSN
+    result = manage("migrate", "--no-input", env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    yield env
+    if ON_MYSQL:
+        admin.cursor().execute(f"DROP DATABASE `{name}`")
+        admin.close()
+
+
+class Server:
+    """A gptload server process on a loopback port."""
+
+    def __init__(self, command: list[str], env: dict[str, str], port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(
+            command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited {self.process.returncode}:\n{self.output()}")
+            try:
+                httpx.get(self.url + "/health", timeout=1)
+                return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise AssertionError(f"server not ready in {timeout} s")
+
+    def output(self) -> str:
+        assert self.process.stdout is not None
+        return self.process.stdout.read()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def serve(store_env: dict[str, str]) -> Iterator[object]:
+    """Starts `manage.py serve` (or another command) with the store environment; stops it after."""
+    servers: list[Server] = []
+
+    def start(*command: str, env: dict[str, str] | None = None, port: int | None = None) -> Server:
+        port = port or free_port()
+        args = list(command) or [
+            sys.executable,
+            "manage.py",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        server = Server(args, {**store_env, **(env or {})}, port)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -1,0 +1,136 @@
+"""`manage.py serve` and daphne as an operator runs them: real processes on loopback ports."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import sys
+import time
+
+import httpx
+import pytest
+
+from conftest import ON_MYSQL, free_port, manage
+
+
+def test_serve_answers_health_and_the_admin_and_stops_on_sigterm(serve):
+    server = serve()
+    server.wait_ready()
+    health = httpx.get(server.url + "/health")
+    assert health.status_code == 200
+    assert health.json()["status"] == "healthy"
+    login = httpx.get(server.url + "/admin/login/")
+    assert login.status_code == 200
+    assert "gptload" in login.text
+    css = httpx.get(server.url + "/static/admin/css/base.css")
+    assert css.status_code == 200
+    began = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(15) == 0
+    assert time.monotonic() - began < 10
+    output = server.output()
+    assert "Traceback" not in output
+
+
+def test_serve_stops_on_ctrl_c(serve):
+    server = serve()
+    server.wait_ready()
+    server.process.send_signal(signal.SIGINT)
+    assert server.process.wait(15) == 0
+
+
+def test_serve_warns_loudly_about_the_default_auth_key(serve):
+    server = serve(env={"AUTH_KEY": ""})
+    server.wait_ready()
+    server.stop()
+    output = server.output()
+    assert "WARNING: AUTH_KEY is weak: it is the published default sk-123456" in output
+
+
+def test_daphne_serves_the_same_application(serve):
+    port = free_port()
+    server = serve(
+        sys.executable,
+        "-m",
+        "daphne",
+        "-b",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "gptload.asgi:application",
+        port=port,
+    )
+    server.wait_ready()
+    assert httpx.get(server.url + "/health").json()["status"] == "healthy"
+    assert httpx.get(server.url + "/admin/login/").status_code == 200
+
+
+def test_an_unreachable_database_stops_serve_with_one_line(store_env):
+    dsn = "mysql://root:hunter2@127.0.0.1:1/gptload"
+    result = manage(
+        "serve", "--port", str(free_port()), env={**store_env, "DATABASE_DSN": dsn}, timeout=60
+    )
+    assert result.returncode != 0
+    assert "DATABASE_DSN: cannot connect to mysql root@127.0.0.1:1/gptload" in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unreachable_redis_stops_serve_with_one_line(store_env):
+    env = {**store_env, "REDIS_DSN": "redis://:hunter2@127.0.0.1:1/0"}
+    result = manage("serve", "--port", str(free_port()), env=env, timeout=60)
+    assert result.returncode != 0
+    assert "REDIS_DSN: cannot connect to redis://:***@127.0.0.1:1/0" in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(
+    ON_MYSQL, reason="a fresh SQLite file shows the effect without a spare database"
+)
+def test_a_slave_node_runs_no_migrations(serve, tmp_path):
+    db = tmp_path / "slave.db"
+    server = serve(env={"DATABASE_DSN": str(db), "IS_SLAVE": "true"})
+    server.wait_ready()
+    assert httpx.get(server.url + "/health").json()["role"] == "slave"
+    tables = (
+        sqlite3.connect(db).execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
+    )
+    assert ("django_migrations",) not in tables
+
+
+@pytest.mark.skipif(
+    ON_MYSQL, reason="a fresh SQLite file shows the effect without a spare database"
+)
+def test_a_master_node_migrates_a_fresh_database(serve, tmp_path):
+    db = tmp_path / "fresh" / "gptload.db"
+    server = serve(env={"DATABASE_DSN": str(db)})
+    server.wait_ready()
+    tables = {
+        row[0]
+        for row in sqlite3.connect(db).execute("SELECT name FROM sqlite_master WHERE type='table'")
+    }
+    assert {
+        "keys_group",
+        "keys_apikey",
+        "logs_requestlog",
+        "logs_hourlystat",
+        "settings_app_systemsetting",
+    } <= tables
+
+
+def test_log_format_json_writes_json_lines(serve, tmp_path):
+    log_file = tmp_path / "logs" / "app.log"
+    env = {
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "info",
+        "LOG_ENABLE_FILE": "true",
+        "LOG_FILE_PATH": str(log_file),
+    }
+    server = serve(env=env)
+    server.wait_ready()
+    server.stop()
+    lines = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+    assert lines
+    assert {"time", "level", "logger", "message"} <= set(lines[0])
