@@ -6,6 +6,7 @@ HTTP goes to Django; lifespan events start and stop the per-process services.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from gptload.lib.env import load_settings_or_exit
 
@@ -18,5 +19,17 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 django_application = get_asgi_application()
 
 from gptload.lifespan import lifespan  # noqa: E402 - needs the apps loaded
+from proxy.handler import ProxyHandler  # noqa: E402
 
-application = ProtocolTypeRouter({"http": django_application, "lifespan": lifespan})
+proxy_application = ProxyHandler()
+
+
+async def http(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """`/proxy/…` to the lean handler, everything else to Django with its middleware."""
+    if scope["path"].startswith("/proxy/"):
+        await proxy_application(scope, receive, send)
+    else:
+        await django_application(scope, receive, send)
+
+
+application = ProtocolTypeRouter({"http": http, "lifespan": lifespan})

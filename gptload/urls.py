@@ -5,6 +5,7 @@ from django.urls import path
 from django.views.generic import RedirectView
 
 from gptload.health import health
+from proxy.api import api as proxy_api
 
 admin.site.site_header = "gptload"
 admin.site.site_title = "gptload"
@@ -13,5 +14,6 @@ admin.site.index_title = "Gateway administration"
 urlpatterns = [
     path("health", health, name="health"),
     path("admin/", admin.site.urls),
+    path("proxy/", proxy_api.urls),
     path("", RedirectView.as_view(url="/admin/", permanent=False)),
 ]

@@ -63,3 +63,38 @@ def seed_first_boot_settings(**kwargs: Any) -> None:
             "description": definition.description,
         },
     )
+
+
+class ConfigVersion(models.Model):
+    """One row whose number moves on every configuration change (groups, keys, settings).
+
+    Each process polls it (one indexed read a second) and rebuilds its proxy snapshot
+    when it moves, so a change made anywhere is in force everywhere without a restart.
+    """
+
+    version = models.PositiveBigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "configuration version"
+
+    def __str__(self) -> str:
+        return f"version {self.version}"
+
+    @classmethod
+    def current(cls) -> int:
+        return cls.objects.filter(pk=1).values_list("version", flat=True).first() or 0
+
+    @classmethod
+    def bump(cls) -> None:
+        from django.db.models import F
+        from django.utils import timezone
+
+        if not cls.objects.filter(pk=1).update(version=F("version") + 1, updated_at=timezone.now()):
+            cls.objects.get_or_create(pk=1, defaults={"version": 1})
+
+
+def bump_config_version(**kwargs: Any) -> None:
+    from django.db import transaction
+
+    transaction.on_commit(ConfigVersion.bump, using=kwargs.get("using"))

@@ -36,6 +36,8 @@ def build_logging(level: str, fmt: str, file_path: Path | None) -> dict[str, Any
             # SQL statements only at debug, as GPT-Load does.
             "django.db.backends": {"level": "DEBUG" if level == "debug" else "INFO"},
             "uvicorn.access": {"level": "WARNING" if level != "debug" else "INFO"},
+            # One line per upstream call would cost the hot path and flood the log.
+            "httpx": {"level": "WARNING" if level != "debug" else "INFO"},
         },
     }
     if file_path is not None:

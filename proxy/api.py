@@ -1,0 +1,17 @@
+"""`ANY /proxy/{group}/{path}`: the django-ninja async operation that serves the proxy."""
+
+from __future__ import annotations
+
+from django.http import HttpRequest
+from django.http.response import HttpResponseBase
+from ninja import NinjaAPI
+
+from proxy.pipeline import proxy
+
+api = NinjaAPI(urls_namespace="proxy", docs_url=None, openapi_url=None, title="gptload proxy")
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
+
+
+@api.api_operation(METHODS, "/{group}/{path:path}", include_in_schema=False)
+async def proxy_call(request: HttpRequest, group: str, path: str) -> HttpResponseBase:
+    return await proxy(request, group, path)

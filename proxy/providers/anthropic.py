@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from proxy.providers.base import Outbound, Provider, Usage, _int
+
+ANTHROPIC_VERSION = "2023-06-01"
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 429: "rate_limit_error", 503: "overloaded_error"}  # fmt: skip
+
+
+class AnthropicProvider(Provider):
+    channel = "anthropic"
+    key_header = "x-api-key"
+
+    def inject_key(self, outbound: Outbound, key: str) -> None:
+        outbound.headers["x-api-key"] = key
+        # Unlike GPT-Load, a version the client chose is kept; one is set only when missing.
+        outbound.headers.setdefault("anthropic-version", ANTHROPIC_VERSION)
+
+    def error_body(self, status: int, message: str, kind: str) -> bytes:
+        error_type = ERROR_TYPES.get(status, "api_error")
+        return orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}})
+
+    def usage_of(self, data: Any) -> Usage | None:
+        if not isinstance(data, dict):
+            return None
+        if data.get("type") == "message_start" and isinstance(data.get("message"), dict):
+            data = data["message"]
+        usage = data.get("usage")
+        if not isinstance(usage, dict):
+            return None
+        return Usage(_int(usage.get("input_tokens")), _int(usage.get("output_tokens")))

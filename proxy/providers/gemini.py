@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+from proxy.providers.base import Outbound, Provider, Usage, _int
+
+MODEL_IN_PATH = re.compile(r"/models/([^/:]+)(:[A-Za-z]+)?")
+STATUSES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+            429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}  # fmt: skip
+
+
+def is_openai_compatible(path: str) -> bool:
+    return "/v1beta/openai/" in path
+
+
+class GeminiProvider(Provider):
+    channel = "gemini"
+    key_header = "x-goog-api-key"
+
+    def inject_key(self, outbound: Outbound, key: str) -> None:
+        if is_openai_compatible(outbound.path):
+            super().inject_key(outbound, key)
+            return
+        outbound.query = [(k, v) for k, v in outbound.query if k != "key"] + [("key", key)]
+
+    def model_of(self, path: str, body: dict[str, Any] | None) -> str:
+        if not is_openai_compatible(path) and (match := MODEL_IN_PATH.search(path)):
+            return match[1]
+        return super().model_of(path, body)
+
+    def set_model(self, path: str, body: dict[str, Any] | None, model: str) -> str:
+        if is_openai_compatible(path):
+            return super().set_model(path, body, model)
+        return MODEL_IN_PATH.sub(lambda m: f"/models/{model}{m[2] or ''}", path, count=1)
+
+    def is_stream(
+        self, path: str, query: list[tuple[str, str]], accept: str, body: dict[str, Any] | None
+    ) -> bool:
+        return (
+            ":streamGenerateContent" in path
+            or ("alt", "sse") in query
+            or super().is_stream(path, query, accept, body)
+        )
+
+    def error_body(self, status: int, message: str, kind: str) -> bytes:
+        return orjson.dumps(
+            {
+                "error": {
+                    "code": status,
+                    "message": message,
+                    "status": STATUSES.get(status, "UNKNOWN"),
+                }
+            }
+        )
+
+    def usage_of(self, data: Any) -> Usage | None:
+        usage = data.get("usageMetadata") if isinstance(data, dict) else None
+        if not isinstance(usage, dict):
+            return super().usage_of(data)
+        completion = _int(usage.get("candidatesTokenCount"))
+        thoughts = _int(usage.get("thoughtsTokenCount"))
+        if thoughts is not None:
+            completion = (completion or 0) + thoughts
+        return Usage(_int(usage.get("promptTokenCount")), completion)

@@ -1,0 +1,149 @@
+"""Per-process proxy state: the snapshot, the upstream client, and the key-state writer.
+
+Started lazily by the first proxied request (daphne has no lifespan) and stopped by the
+ASGI lifespan. A background task checks the configuration version once a second, writes
+pending key-state changes in one batch, and swaps in a fresh snapshot when needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import httpx
+from asgiref.sync import sync_to_async
+from django.db import close_old_connections, transaction
+from httpx_aiohttp import AiohttpTransport
+
+from gptload.lifespan import Service, register
+from keys.models import APIKey, KeyStatus
+from proxy.snapshot import KeyEntry, Snapshot, build_snapshot
+from settings_app.models import ConfigVersion
+
+log = logging.getLogger("gptload.proxy")
+POLL_SECONDS = 1.0
+
+
+class Runtime:
+    def __init__(self) -> None:
+        self.snapshot: Snapshot | None = None
+        self.pending: dict[int, KeyEntry] = {}
+        self.pending_errors: dict[int, str] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._ready: asyncio.Event | None = None
+        self.client: httpx.AsyncClient | None = None
+
+    async def current(self) -> Snapshot:
+        if self.snapshot is not None:
+            return self.snapshot
+        if self._ready is None:
+            self._ready = ready = asyncio.Event()
+            try:
+                await self._refresh(force=True)
+            finally:
+                self._ready = ready if self.snapshot is not None else None
+                ready.set()
+            self._task = asyncio.create_task(self._watch())
+        await self._ready.wait()
+        if self.snapshot is None:
+            raise RuntimeError("the proxy snapshot could not be built")
+        return self.snapshot
+
+    def http(self) -> httpx.AsyncClient:
+        if self.client is None:
+            limits = httpx.Limits(
+                max_connections=1000, max_keepalive_connections=200, keepalive_expiry=120
+            )
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=1000, limit_per_host=0, keepalive_timeout=120),
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent",),
+            )
+            self.client = httpx.AsyncClient(
+                transport=AiohttpTransport(client=session, limits=limits), follow_redirects=False
+            )
+        return self.client
+
+    def key_changed(self, key: KeyEntry, error: str = "") -> None:
+        self.pending[key.id] = key
+        if error:
+            self.pending_errors[key.id] = error
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            try:
+                await self.flush_keys()
+                await self._refresh()
+            except Exception:  # a process edge: log and keep serving the last snapshot
+                log.exception("proxy snapshot refresh failed")
+
+    async def _refresh(self, force: bool = False) -> None:
+        version = await sync_to_async(_read_version)()
+        if force or self.snapshot is None or version != self.snapshot.version:
+            self.snapshot = await sync_to_async(_build)(version, self.snapshot)
+
+    async def flush_keys(self) -> None:
+        if not self.pending:
+            return
+        batch, errors = self.pending, self.pending_errors
+        self.pending, self.pending_errors = {}, {}
+        await sync_to_async(write_key_states)(list(batch.values()), errors)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self.flush_keys()
+        if self.client is not None:
+            await self.client.aclose()
+        self.client, self.snapshot, self._ready, self._task = None, None, None, None
+
+
+def _read_version() -> int:
+    close_old_connections()
+    return ConfigVersion.current()
+
+
+def _build(version: int, previous: Snapshot | None) -> Snapshot:
+    return build_snapshot(version, previous)
+
+
+def write_key_states(keys: list[KeyEntry], errors: dict[int, str]) -> None:
+    """Stores key states in one transaction; `update()` leaves the version alone."""
+    now = datetime.now(UTC)
+    with transaction.atomic():
+        for key in keys:
+            fields: dict[str, Any] = {
+                "status": key.status,
+                "consecutive_failures": key.consecutive_failures,
+                "cooling_until": datetime.fromtimestamp(key.cooling_until, UTC)
+                if key.status == KeyStatus.COOLING
+                else None,
+                "status_changed_at": now,
+            }
+            if key.id in errors:
+                fields["last_error"] = errors[key.id]
+            APIKey.objects.filter(pk=key.id).update(**fields)
+
+
+runtime = Runtime()
+
+
+async def _start() -> None:
+    """Warms the snapshot; a database that is not ready yet (a slave before the master
+    migrated) must not stop the server, so the first proxied request tries again."""
+    try:
+        await runtime.current()
+    except Exception as exc:
+        log.warning("proxy snapshot not built at startup (%s); retrying on first request", exc)
+
+
+register(Service("proxy runtime", _start, runtime.stop))
+
+
+def now() -> float:
+    return time.time()
