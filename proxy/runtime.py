@@ -47,11 +47,18 @@ class Runtime:
             finally:
                 self._ready = ready if self.snapshot is not None else None
                 ready.set()
-            self._task = asyncio.create_task(self._watch())
-        await self._ready.wait()
+            if self._task is None:
+                self._task = asyncio.create_task(self._watch())
+        waiting = self._ready
+        if waiting is not None:
+            await waiting.wait()
         if self.snapshot is None:
             raise RuntimeError("the proxy snapshot could not be built")
         return self.snapshot
+
+    def invalidate(self) -> None:
+        """Forgets the snapshot; the next request rebuilds it from the database."""
+        self.snapshot, self._ready = None, None
 
     def http(self) -> httpx.AsyncClient:
         if self.client is None:
