@@ -1,0 +1,513 @@
+"""The fake provider, driven directly by the real SDKs and httpx (no proxy in between)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import anthropic
+import httpx
+import openai
+import pytest
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types as genai_types
+
+from conftest import ROOT, free_port
+from tests.fakeprovider import (
+    ANTHROPIC_MODELS,
+    COMPLETION_TOKENS,
+    GEMINI_MODELS,
+    INVALID_KEY_MESSAGE,
+    OPENAI_MODELS,
+    PROMPT_TOKENS,
+    TOTAL_TOKENS,
+    Behaviour,
+    FakeProvider,
+    chunk_text,
+    full_text,
+    running_provider,
+)
+
+
+@pytest.fixture
+def provider() -> Iterator[FakeProvider]:
+    yield from running_provider()
+
+
+def openai_client(provider: FakeProvider, key: str = "sk-ok", path: str = "/v1") -> openai.OpenAI:
+    return openai.OpenAI(api_key=key, base_url=provider.url + path, max_retries=0, timeout=5)
+
+
+def anthropic_client(provider: FakeProvider, key: str = "sk-ant-ok") -> anthropic.Anthropic:
+    return anthropic.Anthropic(api_key=key, base_url=provider.url, max_retries=0, timeout=5)
+
+
+def gemini_client(provider: FakeProvider, key: str = "AIza-ok") -> genai.Client:
+    options = genai_types.HttpOptions(base_url=provider.url, api_version="v1beta")
+    return genai.Client(api_key=key, http_options=options)
+
+
+def sse_data(lines: list[str]) -> list[str]:
+    return [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+
+
+# -- OpenAI ----------------------------------------------------------------------------
+
+
+def test_openai_chat_answers_with_deterministic_usage(provider):
+    completion = openai_client(provider).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert completion.choices[0].message.content == full_text()
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.model == "gpt-4o-mini"
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens == PROMPT_TOKENS
+    assert completion.usage.completion_tokens == COMPLETION_TOKENS
+    assert completion.usage.total_tokens == TOTAL_TOKENS
+    (received,) = provider.requests
+    assert received.json["messages"] == [{"role": "user", "content": "hi"}]
+    assert received.key == "sk-ok"
+    assert received.finished
+
+
+def test_openai_chat_stream_ends_with_a_usage_chunk_when_asked(provider):
+    stream = openai_client(provider).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert texts == [chunk_text(i) for i in range(COMPLETION_TOKENS)]
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.total_tokens == TOTAL_TOKENS
+
+
+def test_openai_chat_stream_has_no_usage_chunk_unless_asked(provider):
+    provider.behave("sk-3", Behaviour(events=3))
+    with httpx.stream(
+        "POST",
+        provider.url + "/v1/chat/completions",
+        json={"model": "m", "stream": True},
+        headers={"Authorization": "Bearer sk-3"},
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        data = sse_data(list(response.iter_lines()))
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert len(chunks) == 3 + 1
+    assert all("usage" not in c for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_openai_async_chat_stream(provider):
+    client = openai.AsyncOpenAI(api_key="sk-ok", base_url=provider.url + "/v1", max_retries=0)
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == full_text()
+    await client.close()
+
+
+def test_openai_responses_stream_carries_usage_on_completion(provider):
+    client = openai_client(provider)
+    with client.responses.stream(model="gpt-4.1", input="hi") as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert deltas == [chunk_text(i) for i in range(COMPLETION_TOKENS)]
+    assert final.output_text == full_text()
+    assert final.usage is not None
+    assert final.usage.input_tokens == PROMPT_TOKENS
+    assert final.usage.output_tokens == COMPLETION_TOKENS
+    assert final.usage.total_tokens == TOTAL_TOKENS
+
+
+def test_openai_responses_create(provider):
+    response = openai_client(provider).responses.create(model="gpt-4.1", input="hi")
+    assert response.output_text == full_text()
+    assert response.usage is not None
+    assert response.usage.total_tokens == TOTAL_TOKENS
+
+
+def test_openai_embeddings_and_models(provider):
+    client = openai_client(provider)
+    embeddings = client.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+    assert [len(e.embedding) for e in embeddings.data] == [8, 8]
+    assert embeddings.data[0].embedding[0] == pytest.approx(0.125)
+    assert [m.id for m in client.models.list()] == list(OPENAI_MODELS)
+
+
+def test_openai_errors_come_in_openai_shape(provider):
+    provider.behave("sk-bad", Behaviour(status=401))
+    with pytest.raises(openai.AuthenticationError) as caught:
+        openai_client(provider, "sk-bad").chat.completions.create(model="m", messages=[])
+    assert caught.value.status_code == 401
+    assert caught.value.code == "invalid_api_key"
+    assert caught.value.type == "invalid_request_error"
+
+
+def test_gemini_openai_compatible_chat(provider):
+    client = openai_client(provider, "AIza-compat", path="/v1beta/openai")
+    completion = client.chat.completions.create(model="gemini-2.5-flash", messages=[])
+    assert completion.choices[0].message.content == full_text()
+    (received,) = provider.requests
+    assert received.path == "/v1beta/openai/chat/completions"
+    assert (received.key, received.key_source) == ("AIza-compat", "authorization")
+
+
+# -- Anthropic -------------------------------------------------------------------------
+
+
+def test_anthropic_messages_create(provider):
+    message = anthropic_client(provider).messages.create(
+        model="claude-test", max_tokens=100, messages=[{"role": "user", "content": "hi"}]
+    )
+    assert message.content[0].type == "text"
+    assert message.content[0].text == full_text()
+    assert message.stop_reason == "end_turn"
+    assert message.usage.input_tokens == PROMPT_TOKENS
+    assert message.usage.output_tokens == COMPLETION_TOKENS
+    # anthropic 2.x sends its api_key as a Bearer token, not in x-api-key.
+    (received,) = provider.requests
+    assert (received.key, received.key_source) == ("sk-ant-ok", "authorization")
+    assert received.headers["anthropic-version"]
+
+
+def test_anthropic_messages_stream(provider):
+    client = anthropic_client(provider)
+    with client.messages.stream(
+        model="claude-test", max_tokens=100, messages=[{"role": "user", "content": "hi"}]
+    ) as stream:
+        texts = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert texts == [chunk_text(i) for i in range(COMPLETION_TOKENS)]
+    assert final.usage.input_tokens == PROMPT_TOKENS
+    assert final.usage.output_tokens == COMPLETION_TOKENS
+    assert final.stop_reason == "end_turn"
+
+
+def test_anthropic_models_and_errors(provider):
+    client = anthropic_client(provider)
+    assert [m.id for m in client.models.list()] == list(ANTHROPIC_MODELS)
+    provider.behave("sk-ant-busy", Behaviour(status=529))
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        anthropic_client(provider, "sk-ant-busy").messages.create(
+            model="m", max_tokens=1, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert caught.value.status_code == 529
+    assert caught.value.body == {
+        "type": "error",
+        "error": {"type": "overloaded_error", "message": "Overloaded"},
+    }
+
+
+# -- Gemini ----------------------------------------------------------------------------
+
+
+def test_gemini_generate_content(provider):
+    # A genai.Client closes its connections when garbage-collected: keep it referenced.
+    client = gemini_client(provider)
+    response = client.models.generate_content(model="gemini-2.5-flash", contents="hi")
+    assert response.text == full_text()
+    assert response.usage_metadata is not None
+    assert response.usage_metadata.prompt_token_count == PROMPT_TOKENS
+    assert response.usage_metadata.candidates_token_count == COMPLETION_TOKENS
+    assert response.usage_metadata.total_token_count == TOTAL_TOKENS
+    (received,) = provider.requests
+    assert received.path == "/v1beta/models/gemini-2.5-flash:generateContent"
+    assert (received.key, received.key_source) == ("AIza-ok", "x-goog-api-key")
+
+
+def test_gemini_generate_content_stream(provider):
+    client = gemini_client(provider)
+    chunks = list(client.models.generate_content_stream(model="gemini-2.5-flash", contents="hi"))
+    assert [c.text for c in chunks] == [chunk_text(i) for i in range(COMPLETION_TOKENS)]
+    usage = chunks[-1].usage_metadata
+    assert usage is not None
+    assert usage.total_token_count == TOTAL_TOKENS
+    assert provider.requests[0].query == {"alt": "sse"}
+
+
+def test_gemini_stream_without_alt_sse_is_a_json_array(provider):
+    response = httpx.post(
+        provider.url + "/v1beta/models/gemini-2.5-pro:streamGenerateContent?key=AIza-q",
+        json={"contents": []},
+    )
+    chunks = response.json()
+    assert len(chunks) == COMPLETION_TOKENS
+    assert chunks[-1]["usageMetadata"]["totalTokenCount"] == TOTAL_TOKENS
+    assert chunks[-1]["candidates"][0]["finishReason"] == "STOP"
+    assert provider.requests[0].key_source == "query"
+
+
+def test_gemini_models_and_invalid_key(provider):
+    client = gemini_client(provider)
+    assert [m.name for m in client.models.list()] == [f"models/{m}" for m in GEMINI_MODELS]
+    provider.behave("AIza-bad", Behaviour(invalid_key_message=True))
+    bad_client = gemini_client(provider, "AIza-bad")
+    with pytest.raises(genai_errors.ClientError) as caught:
+        bad_client.models.generate_content(model="g", contents="hi")
+    assert caught.value.code == 400
+    assert caught.value.status == "INVALID_ARGUMENT"
+    assert caught.value.message == INVALID_KEY_MESSAGE
+
+
+# -- behaviours, with httpx ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "expected"),
+    [
+        (
+            "/v1/chat/completions",
+            {"Authorization": "Bearer k"},
+            {
+                "error": {
+                    "message": "Rate limit reached for requests. Please try again later.",
+                    "type": "requests",
+                    "param": None,
+                    "code": "rate_limit_exceeded",
+                }
+            },
+        ),
+        (
+            "/v1/messages",
+            {"x-api-key": "k"},
+            {
+                "type": "error",
+                "error": {
+                    "type": "rate_limit_error",
+                    "message": "Number of requests has exceeded your rate limit.",
+                },
+            },
+        ),
+        (
+            "/v1beta/models/g:generateContent",
+            {"x-goog-api-key": "k"},
+            {
+                "error": {
+                    "code": 429,
+                    "message": "Resource has been exhausted (e.g. check quota).",
+                    "status": "RESOURCE_EXHAUSTED",
+                }
+            },
+        ),
+    ],
+)
+def test_429_with_retry_after_in_each_providers_shape(provider, path, headers, expected):
+    extra = {"x-ratelimit-reset-requests": "1s"}
+    provider.behave("k", Behaviour(status=429, retry_after="2", headers=extra))
+    response = httpx.post(provider.url + path, json={}, headers=headers)
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "2"
+    assert response.headers["x-ratelimit-reset-requests"] == "1s"
+    assert response.json() == expected
+
+
+def test_401_and_raw_body_override(provider):
+    provider.behave("k401", Behaviour(status=401))
+    response = httpx.post(provider.url + "/v1/messages", json={}, headers={"x-api-key": "k401"})
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "authentication_error"
+    provider.behave("kraw", Behaviour(status=503, body=b"upstream connect error"))
+    response = httpx.post(
+        provider.url + "/v1/chat/completions", headers={"Authorization": "Bearer kraw"}
+    )
+    assert (response.status_code, response.content) == (503, b"upstream connect error")
+
+
+def test_unknown_paths_and_missing_keys_answer_in_the_providers_shape(provider):
+    response = httpx.get(provider.url + "/v1/nope", headers={"Authorization": "Bearer k"})
+    assert response.status_code == 404
+    assert response.json()["error"]["message"] == "Invalid URL (GET /v1/nope)"
+    response = httpx.post(provider.url + "/v1beta/models/g:generateContent", json={})
+    assert response.status_code == 403
+    assert response.json()["error"]["status"] == "PERMISSION_DENIED"
+
+
+def test_drop_after_cuts_the_stream_after_that_many_content_events(provider):
+    provider.behave("k", Behaviour(drop_after=2))
+    lines: list[str] = []
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        httpx.stream(
+            "POST",
+            provider.url + "/v1/chat/completions",
+            json={"stream": True},
+            headers={"Authorization": "Bearer k"},
+        ) as response,
+    ):
+        lines.extend(response.iter_lines())
+    contents = [json.loads(d)["choices"][0]["delta"]["content"] for d in sse_data(lines)]
+    assert contents == [chunk_text(0), chunk_text(1)]
+    (received,) = provider.requests
+    assert (received.dropped, received.events_sent, received.finished) == (True, 2, False)
+
+
+def test_drop_after_makes_the_openai_sdk_fail_mid_stream(provider):
+    provider.behave("sk-drop", Behaviour(drop_after=1))
+    stream = openai_client(provider, "sk-drop").chat.completions.create(
+        model="m", messages=[], stream=True
+    )
+    seen: list[object] = []
+    with pytest.raises(openai.APIConnectionError):
+        seen.extend(stream)
+    assert len(seen) == 1
+
+
+def test_drop_after_on_a_plain_request_closes_without_an_answer(provider):
+    provider.behave("k", Behaviour(drop_after=0))
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.post(provider.url + "/v1/messages", json={}, headers={"x-api-key": "k"})
+
+
+def test_event_interval_spaces_the_events(provider):
+    provider.behave("k", Behaviour(event_interval=0.05, events=4))
+    arrivals: list[float] = []
+    with httpx.stream(
+        "POST",
+        provider.url + "/v1/messages",
+        json={"stream": True},
+        headers={"x-api-key": "k"},
+    ) as response:
+        for line in response.iter_lines():
+            if line == "event: content_block_delta":
+                arrivals.append(time.monotonic())
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert len(gaps) == 3
+    assert all(0.04 <= gap <= 0.2 for gap in gaps), gaps
+
+
+def test_first_byte_delay_holds_the_headers(provider):
+    provider.behave("k", Behaviour(first_byte_delay=0.2))
+    began = time.monotonic()
+    response = httpx.post(
+        provider.url + "/v1/chat/completions", json={}, headers={"Authorization": "Bearer k"}
+    )
+    assert response.status_code == 200
+    assert time.monotonic() - began >= 0.2
+
+
+@pytest.mark.parametrize(
+    ("path", "request_kwargs", "source"),
+    [
+        ("/v1/chat/completions", {"headers": {"Authorization": "Bearer sk-a"}}, "authorization"),
+        ("/v1/messages", {"headers": {"x-api-key": "sk-a"}}, "x-api-key"),
+        (
+            "/v1beta/models/g:generateContent",
+            {"headers": {"x-goog-api-key": "sk-a"}},
+            "x-goog-api-key",
+        ),
+        ("/v1beta/models/g:generateContent", {"params": {"key": "sk-a"}}, "query"),
+    ],
+)
+def test_it_records_the_key_from_each_credential_source(provider, path, request_kwargs, source):
+    response = httpx.post(provider.url + path, json={"contents": []}, **request_kwargs)
+    assert response.status_code == 200
+    (received,) = provider.requests
+    assert (received.key, received.key_source) == ("sk-a", source)
+    assert received.credentials == {source: "sk-a"}
+    assert provider.keys_used() == ["sk-a"]
+
+
+def test_records_are_case_insensitive_and_clearable(provider):
+    httpx.post(
+        provider.url + "/v1/chat/completions?x=1",
+        content=b"not json",
+        headers={"Authorization": "Bearer k", "X-Custom": "v"},
+    )
+    (received,) = provider.requests
+    assert received.headers["x-custom"] == received.headers["X-CUSTOM"] == "v"
+    assert (received.body, received.json, received.query) == (b"not json", None, {"x": "1"})
+    provider.clear()
+    assert provider.requests == []
+
+
+def test_a_client_leaving_during_the_first_byte_delay_is_recorded(provider):
+    provider.behave("k", Behaviour(first_byte_delay=5))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            provider.url + "/v1/chat/completions",
+            json={},
+            headers={"Authorization": "Bearer k"},
+            timeout=0.1,
+        )
+    assert provider.wait_for_disconnects(1, timeout=2)
+    assert provider.requests[0].disconnected
+
+
+def test_a_client_leaving_mid_stream_is_recorded(provider):
+    provider.behave("k", Behaviour(event_interval=0.1))
+    with httpx.stream(
+        "POST",
+        provider.url + "/v1/chat/completions",
+        json={"stream": True},
+        headers={"Authorization": "Bearer k"},
+    ) as response:
+        next(response.iter_lines())
+    assert provider.wait_for_disconnects(1, timeout=2)
+    (received,) = provider.requests
+    assert received.disconnected
+    assert received.events_sent < COMPLETION_TOKENS
+
+
+def test_default_behaviour_applies_to_keys_without_their_own(provider):
+    provider.behave_default(Behaviour(status=500))
+    provider.behave("good", Behaviour())
+    headers = {"Authorization": "Bearer other"}
+    assert httpx.post(provider.url + "/v1/chat/completions", headers=headers).status_code == 500
+    headers = {"Authorization": "Bearer good"}
+    assert httpx.post(provider.url + "/v1/chat/completions", headers=headers).status_code == 200
+
+
+def test_stop_cuts_a_stream_in_progress_quickly():
+    provider = FakeProvider().start()
+    provider.behave("k", Behaviour(event_interval=10))
+    with httpx.stream(
+        "POST",
+        provider.url + "/v1/chat/completions",
+        json={"stream": True},
+        headers={"Authorization": "Bearer k"},
+    ) as response:
+        # Held, not dropped: a discarded httpx line iterator closes the response.
+        lines = response.iter_lines()
+        next(lines)
+        began = time.monotonic()
+        provider.stop()
+        assert time.monotonic() - began < 1
+        with pytest.raises(httpx.RemoteProtocolError):
+            list(lines)
+    assert provider.disconnects == 0
+    assert not provider.requests[0].finished
+
+
+def test_it_runs_standalone_for_a_benchmark():
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "fakeprovider.py"), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip().endswith(f"127.0.0.1:{port}")
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={},
+            headers={"Authorization": "Bearer k"},
+        )
+        assert response.json()["usage"]["total_tokens"] == TOTAL_TOKENS
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(5) == 0
