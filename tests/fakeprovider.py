@@ -65,9 +65,17 @@ def full_text(events: int = DEFAULT_EVENTS) -> str:
 class Behaviour:
     """What the fake provider does for requests carrying one key.
 
-    `status` >= 400 answers that status with the provider's error JSON (or `body`, raw);
-    `drop_after=N` cuts a stream right after its N-th content event (0: after the headers
-    and preamble), and makes a non-stream request's connection close with no answer.
+    - `status` >= 400 answers that status with the provider's error JSON; `body`, when
+      set, is answered raw (as JSON content) with `status`, whatever it is.
+    - `retry_after` and `headers` are added to every answer, errors and successes alike.
+    - `first_byte_delay` waits before anything is sent, headers included.
+    - `events` is the number of content chunks (and output tokens); `event_interval`
+      separates consecutive content chunks (framing events go out with their neighbours).
+    - `drop_after=N` closes the connection right after a stream's N-th content chunk
+      (0: after the headers and any preamble events; N == `events`: before the closing
+      events; more: never). On a non-stream request it closes the connection unanswered.
+    - `invalid_key_message` answers 400 "API key not valid…", as Gemini does for bad keys,
+      in the provider's error shape.
     """
 
     status: int = 200
@@ -372,7 +380,8 @@ class Call:
         self.created = int(time.time())
         payload = received.json if isinstance(received.json, dict) else {}
         self.body: dict[str, Any] = payload
-        self.model = str(request.match_info.get("model") or payload.get("model") or DEFAULT_MODEL)
+        gemini = GEMINI_GENERATE.match(request.path)
+        self.model = str(gemini["model"] if gemini else payload.get("model") or DEFAULT_MODEL)
 
     @property
     def events(self) -> int:

@@ -248,6 +248,7 @@ def test_gemini_stream_without_alt_sse_is_a_json_array(provider):
     assert len(chunks) == COMPLETION_TOKENS
     assert chunks[-1]["usageMetadata"]["totalTokenCount"] == TOTAL_TOKENS
     assert chunks[-1]["candidates"][0]["finishReason"] == "STOP"
+    assert {c["modelVersion"] for c in chunks} == {"gemini-2.5-pro"}
     assert provider.requests[0].key_source == "query"
 
 
@@ -494,20 +495,17 @@ def test_stop_cuts_a_stream_in_progress_quickly():
 
 def test_it_runs_standalone_for_a_benchmark():
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "fakeprovider.py"), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        assert process.stdout.readline().strip().endswith(f"127.0.0.1:{port}")
-        response = httpx.post(
-            f"http://127.0.0.1:{port}/v1/chat/completions",
-            json={},
-            headers={"Authorization": "Bearer k"},
-        )
-        assert response.json()["usage"]["total_tokens"] == TOTAL_TOKENS
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(5) == 0
+    command = [sys.executable, str(ROOT / "tests" / "fakeprovider.py"), "--port", str(port)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None
+            assert process.stdout.readline().strip().endswith(f"127.0.0.1:{port}")
+            response = httpx.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                json={},
+                headers={"Authorization": "Bearer k"},
+            )
+            assert response.json()["usage"]["total_tokens"] == TOTAL_TOKENS
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(5) == 0
