@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import urlsplit
 
 from django.core.exceptions import ValidationError
+
+from gptload.lib.urls import is_http_url
 
 GROUP_NAME = re.compile(r"^[a-z0-9_-]{1,100}$")
 HEADER_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -31,7 +32,7 @@ def validate_upstreams(value: Any) -> None:
         if not isinstance(upstream, dict) or set(upstream) - {"url", "weight"}:
             raise ValidationError(f'Upstream {index}: expected {{"url": ..., "weight": ...}}.')
         url = upstream.get("url")
-        if not isinstance(url, str) or not _is_http_url(url):
+        if not isinstance(url, str) or not is_http_url(url):
             raise ValidationError(f"Upstream {index}: {url!r} is not an http:// or https:// URL.")
         weight = upstream.get("weight", 1)
         if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
@@ -41,15 +42,6 @@ def validate_upstreams(value: Any) -> None:
         seen.add(url.rstrip("/"))
     if value and not any(u.get("weight", 1) > 0 for u in value):
         raise ValidationError("At least one upstream needs a weight above 0 (0 switches one off).")
-
-
-def _is_http_url(url: str) -> bool:
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def validate_validation_endpoint(value: str) -> None:

@@ -16,11 +16,14 @@ from typing import Any
 import aiohttp
 import httpx
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.db import close_old_connections, transaction
 from httpx_aiohttp import AiohttpTransport
 
 from gptload.lifespan import Service, register
 from keys.models import APIKey, KeyStatus
+from proxy.recorder import recorder
+from proxy.shared import KeyState, Shared
 from proxy.snapshot import KeyEntry, Snapshot, build_snapshot
 from settings_app.models import ConfigVersion
 
@@ -34,8 +37,10 @@ class Runtime:
         self.pending: dict[int, KeyEntry] = {}
         self.pending_errors: dict[int, str] = {}
         self._task: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
         self._ready: asyncio.Event | None = None
         self.client: httpx.AsyncClient | None = None
+        self.shared: Shared | None = None
 
     async def current(self) -> Snapshot:
         if self.snapshot is not None:
@@ -49,6 +54,11 @@ class Runtime:
                 ready.set()
             if self._task is None:
                 self._task = asyncio.create_task(self._watch())
+            if settings.REDIS_DSN and self._listener is None:
+                self.shared = self.shared or Shared(settings.REDIS_DSN)
+                self._listener = asyncio.create_task(
+                    self.shared.listen(self._on_config, self.apply_shared)
+                )
         waiting = self._ready
         if waiting is not None:
             await waiting.wait()
@@ -76,9 +86,30 @@ class Runtime:
         return self.client
 
     def key_changed(self, key: KeyEntry, error: str = "") -> None:
+        key.changed_at = time.time()
         self.pending[key.id] = key
         if error:
             self.pending_errors[key.id] = error
+        if self.shared is not None:
+            self.shared.publish(KeyState(key.id, key.status, key.cooling_until,
+                                         key.consecutive_failures, key.changed_at))  # fmt: skip
+
+    def apply_shared(self, state: KeyState) -> None:
+        """Another node changed a key's state: adopt it, unless ours is newer."""
+        snapshot = self.snapshot
+        key = snapshot.keys_by_id.get(state.id) if snapshot else None
+        if snapshot is None or key is None or key.changed_at >= state.at:
+            return
+        key.adopt(state.status, state.until, state.failures, state.at)
+        group = snapshot.groups_by_id.get(key.group_id)
+        if group is not None and state.status not in (KeyStatus.ACTIVE, KeyStatus.COOLING):
+            group.ring.remove(key)
+
+    async def _on_config(self) -> None:
+        try:
+            await self._refresh()
+        except Exception:
+            log.exception("proxy snapshot refresh failed")
 
     async def _watch(self) -> None:
         while True:
@@ -92,7 +123,26 @@ class Runtime:
     async def _refresh(self, force: bool = False) -> None:
         version = await sync_to_async(_read_version)()
         if force or self.snapshot is None or version != self.snapshot.version:
-            self.snapshot = await sync_to_async(_build)(version, self.snapshot)
+            snapshot = await sync_to_async(_build)(version, self.snapshot)
+            await self._overlay(snapshot)
+            self.snapshot = snapshot
+
+    async def _overlay(self, snapshot: Snapshot) -> None:
+        """Key states other nodes shared and the database has not caught up with yet."""
+        if not settings.REDIS_DSN:
+            return
+        self.shared = self.shared or Shared(settings.REDIS_DSN)
+        try:
+            states = await self.shared.load()
+        except Exception as exc:
+            log.warning("shared key states unavailable (%s); using the database's", exc)
+            return
+        previous, self.snapshot = self.snapshot, snapshot
+        try:
+            for state in states:
+                self.apply_shared(state)
+        finally:
+            self.snapshot = previous
 
     async def flush_keys(self) -> None:
         if not self.pending:
@@ -102,12 +152,17 @@ class Runtime:
         await sync_to_async(write_key_states)(list(batch.values()), errors)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in (self._task, self._listener):
+            if task is not None:
+                task.cancel()
         await self.flush_keys()
+        await recorder.stop()
         if self.client is not None:
             await self.client.aclose()
+        if self.shared is not None:
+            await self.shared.close()
         self.client, self.snapshot, self._ready, self._task = None, None, None, None
+        self._listener, self.shared = None, None
 
 
 def _read_version() -> int:

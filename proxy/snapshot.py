@@ -30,6 +30,11 @@ class KeyEntry:
     status: str = KeyStatus.ACTIVE
     cooling_until: float = 0.0  # wall-clock seconds
     consecutive_failures: int = 0
+    changed_at: float = 0.0  # when the database last saw its state change
+
+    def adopt(self, status: str, until: float, failures: int, at: float) -> None:
+        self.status, self.cooling_until, self.consecutive_failures = status, until, failures
+        self.changed_at = at
 
     def usable(self, now: float) -> bool:
         if self.status == KeyStatus.ACTIVE:
@@ -55,6 +60,10 @@ class KeyRing:
                 return key
             fallback = fallback or key
         return fallback  # a small pool may repeat a key on retry, as GPT-Load does
+
+    def remove(self, key: KeyEntry) -> None:
+        if key in self.keys:
+            self.keys = [k for k in self.keys if k is not key]
 
     def has_usable(self, now: float) -> bool:
         return any(key.usable(now) for key in self.keys)
@@ -104,6 +113,8 @@ class GroupView:
     ring: KeyRing
     failover_codes: frozenset[int]
     members: WeightedPicker = field(default_factory=lambda: WeightedPicker([]))
+    backoff_until: float = 0.0  # the whole pool is rate limited until then
+    recent_429: list[tuple[float, KeyEntry]] = field(default_factory=list)
 
 
 @dataclass
@@ -113,6 +124,7 @@ class Snapshot:
     global_proxy_keys: tuple[str, ...]
     system: dict[str, Any]
     keys_by_id: dict[int, KeyEntry]
+    groups_by_id: dict[int, GroupView] = field(default_factory=dict)
     built_at: float = field(default_factory=time.time)
 
 
@@ -124,9 +136,10 @@ def build_snapshot(version: int, previous: Snapshot | None = None) -> Snapshot:
     keys_by_id: dict[int, KeyEntry] = {}
     rows = APIKey.objects.filter(status__in=[KeyStatus.ACTIVE, KeyStatus.COOLING]).order_by("id")
     for row in rows.values_list(
-        "id", "group_id", "key_value", "key_hash", "status", "cooling_until", "consecutive_failures"
-    ).iterator(2000):
-        key_id, group_id, stored, key_hash, status, until, failures = row
+        "id", "group_id", "key_value", "key_hash", "status", "cooling_until",
+        "consecutive_failures", "status_changed_at",
+    ).iterator(2000):  # fmt: skip
+        key_id, group_id, stored, key_hash, status, until, failures, changed = row
         try:
             secret = cipher.decrypt(stored)
         except DecryptionError:
@@ -140,22 +153,22 @@ def build_snapshot(version: int, previous: Snapshot | None = None) -> Snapshot:
             status,
             until.timestamp() if until else 0.0,
             failures,
+            changed.timestamp() if changed else 0.0,
         )
         old = previous.keys_by_id.get(key_id) if previous else None
-        if old is not None and old.status != KeyStatus.INVALID:
+        if old is not None and old.changed_at > entry.changed_at:
             # Local state is newer than what the batched writer has stored so far.
-            entry.status, entry.cooling_until, entry.consecutive_failures = (
-                old.status,
-                old.cooling_until,
-                old.consecutive_failures,
-            )
+            entry.adopt(old.status, old.cooling_until, old.consecutive_failures, old.changed_at)
         if entry.status in (KeyStatus.ACTIVE, KeyStatus.COOLING):
             keys_by_group.setdefault(group_id, []).append(entry)
             keys_by_id[key_id] = entry
     groups: dict[str, GroupView] = {}
     by_id: dict[int, GroupView] = {}
+    previous_groups = {g.id: g for g in previous.groups.values()} if previous else {}
     for group in Group.objects.all():
         view = _group_view(group, system, keys_by_group.get(group.pk, []))
+        if (old_view := previous_groups.get(group.pk)) is not None:
+            view.backoff_until = old_view.backoff_until
         groups[group.name] = by_id[group.pk] = view
     for membership in GroupSubGroup.objects.all():
         parent, member = by_id.get(membership.group_id), by_id.get(membership.sub_group_id)
@@ -165,7 +178,7 @@ def build_snapshot(version: int, previous: Snapshot | None = None) -> Snapshot:
         if view.is_aggregate:
             view.members = WeightedPicker(view.members.items)
     proxy_keys = tuple(k for k in str(system["proxy_keys"]).split(",") if k)
-    return Snapshot(version, groups, proxy_keys, system, keys_by_id)
+    return Snapshot(version, groups, proxy_keys, system, keys_by_id, by_id)
 
 
 def _group_view(group: Group, system: dict[str, Any], keys: list[KeyEntry]) -> GroupView:

@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 
 from settings_app import registry
+
+log = logging.getLogger("gptload")
+CONFIG_CHANNEL = "gptload:config"
 
 
 class SystemSettingQuerySet(models.QuerySet["SystemSetting"]):
@@ -92,6 +97,19 @@ class ConfigVersion(models.Model):
 
         if not cls.objects.filter(pk=1).update(version=F("version") + 1, updated_at=timezone.now()):
             cls.objects.get_or_create(pk=1, defaults={"version": 1})
+        publish_config_change()
+
+
+def publish_config_change() -> None:
+    """Tells every process through Redis that the configuration moved (cluster mode)."""
+    if not settings.REDIS_DSN:
+        return
+    from django_redis import get_redis_connection
+
+    try:
+        get_redis_connection("default").publish(CONFIG_CHANNEL, "moved")
+    except Exception as exc:  # the version row still carries the change within a second
+        log.warning("could not publish a configuration change to Redis: %s", exc)
 
 
 def bump_config_version(**kwargs: Any) -> None:

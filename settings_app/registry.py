@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 from django.conf import settings as django_settings
 
+from gptload.lib.urls import is_http_url
+
 
 class SettingError(ValueError):
     """A setting value is refused; the message says which setting and why."""
@@ -54,8 +56,7 @@ def _key_list(value: str) -> str:
 
 
 def _http_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    if not is_http_url(value):
         raise SettingError(f"{value!r} is not an http:// or https:// URL")
     return value.rstrip("/")
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import Any
 
 import anthropic
 import httpx
@@ -29,6 +31,7 @@ from tests.fakeprovider import (
     TOTAL_TOKENS,
     Behaviour,
     FakeProvider,
+    Received,
     chunk_text,
     full_text,
     running_provider,
@@ -55,6 +58,37 @@ def gemini_client(provider: FakeProvider, key: str = "AIza-ok") -> genai.Client:
 
 def sse_data(lines: list[str]) -> list[str]:
     return [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+
+
+CHAT = "/v1/chat/completions"
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def post_chat(provider: FakeProvider, key: str = "k", **kwargs: Any) -> httpx.Response:
+    """A chat completion POSTed by httpx with `key` as a Bearer token; `kwargs` go to httpx."""
+    return httpx.post(provider.url + CHAT, headers=bearer(key), **kwargs)
+
+
+def stream_post(
+    provider: FakeProvider,
+    path: str = CHAT,
+    headers: dict[str, str] | None = None,
+    body: dict[str, Any] | None = None,
+) -> AbstractContextManager[httpx.Response]:
+    """A POST read as it arrives: `{"stream": true}` with Bearer "k" unless told otherwise."""
+    return httpx.stream(
+        "POST", provider.url + path, json=body or {"stream": True}, headers=headers or bearer("k")
+    )
+
+
+def only_request(provider: FakeProvider, key: str, source: str) -> Received:
+    """The one request received, once checked that it carried `key` in `source`."""
+    (received,) = provider.requests
+    assert (received.key, received.key_source) == (key, source)
+    return received
 
 
 # -- OpenAI ----------------------------------------------------------------------------
@@ -95,11 +129,8 @@ def test_openai_chat_stream_ends_with_a_usage_chunk_when_asked(provider):
 
 def test_openai_chat_stream_has_no_usage_chunk_unless_asked(provider):
     provider.behave("sk-3", Behaviour(events=3))
-    with httpx.stream(
-        "POST",
-        provider.url + "/v1/chat/completions",
-        json={"model": "m", "stream": True},
-        headers={"Authorization": "Bearer sk-3"},
+    with stream_post(
+        provider, headers=bearer("sk-3"), body={"model": "m", "stream": True}
     ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         data = sse_data(list(response.iter_lines()))
@@ -161,9 +192,8 @@ def test_gemini_openai_compatible_chat(provider):
     client = openai_client(provider, "AIza-compat", path="/v1beta/openai")
     completion = client.chat.completions.create(model="gemini-2.5-flash", messages=[])
     assert completion.choices[0].message.content == full_text()
-    (received,) = provider.requests
+    received = only_request(provider, "AIza-compat", "authorization")
     assert received.path == "/v1beta/openai/chat/completions"
-    assert (received.key, received.key_source) == ("AIza-compat", "authorization")
 
 
 # -- Anthropic -------------------------------------------------------------------------
@@ -179,8 +209,7 @@ def test_anthropic_messages_create(provider):
     assert message.usage.input_tokens == PROMPT_TOKENS
     assert message.usage.output_tokens == COMPLETION_TOKENS
     # anthropic 2.x sends its api_key as a Bearer token, not in x-api-key.
-    (received,) = provider.requests
-    assert (received.key, received.key_source) == ("sk-ant-ok", "authorization")
+    received = only_request(provider, "sk-ant-ok", "authorization")
     assert received.headers["anthropic-version"]
 
 
@@ -224,9 +253,8 @@ def test_gemini_generate_content(provider):
     assert response.usage_metadata.prompt_token_count == PROMPT_TOKENS
     assert response.usage_metadata.candidates_token_count == COMPLETION_TOKENS
     assert response.usage_metadata.total_token_count == TOTAL_TOKENS
-    (received,) = provider.requests
+    received = only_request(provider, "AIza-ok", "x-goog-api-key")
     assert received.path == "/v1beta/models/gemini-2.5-flash:generateContent"
-    assert (received.key, received.key_source) == ("AIza-ok", "x-goog-api-key")
 
 
 def test_gemini_generate_content_stream(provider):
@@ -271,8 +299,8 @@ def test_gemini_models_and_invalid_key(provider):
     ("path", "headers", "expected"),
     [
         (
-            "/v1/chat/completions",
-            {"Authorization": "Bearer k"},
+            CHAT,
+            bearer("k"),
             {
                 "error": {
                     "message": "Rate limit reached for requests. Please try again later.",
@@ -322,14 +350,12 @@ def test_401_and_raw_body_override(provider):
     assert response.status_code == 401
     assert response.json()["error"]["type"] == "authentication_error"
     provider.behave("kraw", Behaviour(status=503, body=b"upstream connect error"))
-    response = httpx.post(
-        provider.url + "/v1/chat/completions", headers={"Authorization": "Bearer kraw"}
-    )
+    response = post_chat(provider, "kraw")
     assert (response.status_code, response.content) == (503, b"upstream connect error")
 
 
 def test_unknown_paths_and_missing_keys_answer_in_the_providers_shape(provider):
-    response = httpx.get(provider.url + "/v1/nope", headers={"Authorization": "Bearer k"})
+    response = httpx.get(provider.url + "/v1/nope", headers=bearer("k"))
     assert response.status_code == 404
     assert response.json()["error"]["message"] == "Invalid URL (GET /v1/nope)"
     response = httpx.post(provider.url + "/v1beta/models/g:generateContent", json={})
@@ -342,12 +368,7 @@ def test_drop_after_cuts_the_stream_after_that_many_content_events(provider):
     lines: list[str] = []
     with (
         pytest.raises(httpx.RemoteProtocolError),
-        httpx.stream(
-            "POST",
-            provider.url + "/v1/chat/completions",
-            json={"stream": True},
-            headers={"Authorization": "Bearer k"},
-        ) as response,
+        stream_post(provider) as response,
     ):
         lines.extend(response.iter_lines())
     contents = [json.loads(d)["choices"][0]["delta"]["content"] for d in sse_data(lines)]
@@ -376,12 +397,7 @@ def test_drop_after_on_a_plain_request_closes_without_an_answer(provider):
 def test_event_interval_spaces_the_events(provider):
     provider.behave("k", Behaviour(event_interval=0.05, events=4))
     arrivals: list[float] = []
-    with httpx.stream(
-        "POST",
-        provider.url + "/v1/messages",
-        json={"stream": True},
-        headers={"x-api-key": "k"},
-    ) as response:
+    with stream_post(provider, "/v1/messages", headers={"x-api-key": "k"}) as response:
         for line in response.iter_lines():
             if line == "event: content_block_delta":
                 arrivals.append(time.monotonic())
@@ -393,9 +409,7 @@ def test_event_interval_spaces_the_events(provider):
 def test_first_byte_delay_holds_the_headers(provider):
     provider.behave("k", Behaviour(first_byte_delay=0.2))
     began = time.monotonic()
-    response = httpx.post(
-        provider.url + "/v1/chat/completions", json={}, headers={"Authorization": "Bearer k"}
-    )
+    response = post_chat(provider, json={})
     assert response.status_code == 200
     assert time.monotonic() - began >= 0.2
 
@@ -403,7 +417,7 @@ def test_first_byte_delay_holds_the_headers(provider):
 @pytest.mark.parametrize(
     ("path", "request_kwargs", "source"),
     [
-        ("/v1/chat/completions", {"headers": {"Authorization": "Bearer sk-a"}}, "authorization"),
+        (CHAT, {"headers": bearer("sk-a")}, "authorization"),
         ("/v1/messages", {"headers": {"x-api-key": "sk-a"}}, "x-api-key"),
         (
             "/v1beta/models/g:generateContent",
@@ -416,17 +430,16 @@ def test_first_byte_delay_holds_the_headers(provider):
 def test_it_records_the_key_from_each_credential_source(provider, path, request_kwargs, source):
     response = httpx.post(provider.url + path, json={"contents": []}, **request_kwargs)
     assert response.status_code == 200
-    (received,) = provider.requests
-    assert (received.key, received.key_source) == ("sk-a", source)
+    received = only_request(provider, "sk-a", source)
     assert received.credentials == {source: "sk-a"}
     assert provider.keys_used() == ["sk-a"]
 
 
 def test_records_are_case_insensitive_and_clearable(provider):
     httpx.post(
-        provider.url + "/v1/chat/completions?x=1",
+        provider.url + CHAT + "?x=1",
         content=b"not json",
-        headers={"Authorization": "Bearer k", "X-Custom": "v"},
+        headers={**bearer("k"), "X-Custom": "v"},
     )
     (received,) = provider.requests
     assert received.headers["x-custom"] == received.headers["X-CUSTOM"] == "v"
@@ -438,24 +451,14 @@ def test_records_are_case_insensitive_and_clearable(provider):
 def test_a_client_leaving_during_the_first_byte_delay_is_recorded(provider):
     provider.behave("k", Behaviour(first_byte_delay=5))
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(
-            provider.url + "/v1/chat/completions",
-            json={},
-            headers={"Authorization": "Bearer k"},
-            timeout=0.1,
-        )
+        post_chat(provider, json={}, timeout=0.1)
     assert provider.wait_for_disconnects(1, timeout=2)
     assert provider.requests[0].disconnected
 
 
 def test_a_client_leaving_mid_stream_is_recorded(provider):
     provider.behave("k", Behaviour(event_interval=0.1))
-    with httpx.stream(
-        "POST",
-        provider.url + "/v1/chat/completions",
-        json={"stream": True},
-        headers={"Authorization": "Bearer k"},
-    ) as response:
+    with stream_post(provider) as response:
         next(response.iter_lines())
     assert provider.wait_for_disconnects(1, timeout=2)
     (received,) = provider.requests
@@ -466,21 +469,14 @@ def test_a_client_leaving_mid_stream_is_recorded(provider):
 def test_default_behaviour_applies_to_keys_without_their_own(provider):
     provider.behave_default(Behaviour(status=500))
     provider.behave("good", Behaviour())
-    headers = {"Authorization": "Bearer other"}
-    assert httpx.post(provider.url + "/v1/chat/completions", headers=headers).status_code == 500
-    headers = {"Authorization": "Bearer good"}
-    assert httpx.post(provider.url + "/v1/chat/completions", headers=headers).status_code == 200
+    assert post_chat(provider, "other").status_code == 500
+    assert post_chat(provider, "good").status_code == 200
 
 
 def test_stop_cuts_a_stream_in_progress_quickly():
     provider = FakeProvider().start()
     provider.behave("k", Behaviour(event_interval=10))
-    with httpx.stream(
-        "POST",
-        provider.url + "/v1/chat/completions",
-        json={"stream": True},
-        headers={"Authorization": "Bearer k"},
-    ) as response:
+    with stream_post(provider) as response:
         # Held, not dropped: a discarded httpx line iterator closes the response.
         lines = response.iter_lines()
         next(lines)
@@ -501,9 +497,9 @@ def test_it_runs_standalone_for_a_benchmark():
             assert process.stdout is not None
             assert process.stdout.readline().strip().endswith(f"127.0.0.1:{port}")
             response = httpx.post(
-                f"http://127.0.0.1:{port}/v1/chat/completions",
+                f"http://127.0.0.1:{port}{CHAT}",
                 json={},
-                headers={"Authorization": "Bearer k"},
+                headers=bearer("k"),
             )
             assert response.json()["usage"]["total_tokens"] == TOTAL_TOKENS
         finally:

@@ -74,6 +74,9 @@ def sqlite_config(path: Path) -> dict[str, Any]:
             "transaction_mode": "IMMEDIATE",
             "timeout": 20,
         },
+        # The test database is a file too: Django's default in-memory one shares a cache
+        # with table-level locks, which fail where WAL lets a reader and a writer meet.
+        "TEST": {"NAME": str(path.with_name(f"test-{path.name}"))},
     }
 
 

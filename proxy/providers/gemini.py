@@ -45,6 +45,9 @@ class GeminiProvider(Provider):
             or super().is_stream(path, query, accept, body)
         )
 
+    def wants_usage_injection(self, path: str) -> bool:
+        return is_openai_compatible(path) and path.endswith("/chat/completions")
+
     def error_body(self, status: int, message: str, kind: str) -> bytes:
         return orjson.dumps(
             {

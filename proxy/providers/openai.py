@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from proxy.providers.base import Provider
+from typing import Any
+
+from proxy.providers.base import Provider, Usage
 
 
 class OpenAIProvider(Provider):
@@ -12,3 +14,9 @@ class OpenAIProvider(Provider):
 
 class OpenAIResponsesProvider(OpenAIProvider):
     channel = "openai-response"
+
+    def usage_of(self, data: Any) -> Usage | None:
+        # Streamed events carry the response object, with its usage once completed.
+        if isinstance(data, dict) and isinstance(data.get("response"), dict):
+            data = data["response"]
+        return super().usage_of(data)

@@ -11,7 +11,10 @@ import uvicorn
 
 from conftest import free_port
 from keys.models import APIKey, Group
+from proxy.pipeline import limiter
+from proxy.recorder import recorder
 from proxy.runtime import runtime
+from settings_app.models import SystemSetting
 from tests.fakeprovider import FakeProvider
 
 PROXY_KEY = "sk-proxy-test-key-0123456789"
@@ -53,6 +56,9 @@ def make_group(provider, settings):
         **fields,
     ) -> Group:
         settings.AUTH_KEY = PROXY_KEY
+        SystemSetting.objects.update_or_create(  # logs written at once, for the tests to see
+            setting_key="request_log_write_interval_minutes", defaults={"setting_value": "0"}
+        )
         fields.setdefault("upstreams", [{"url": provider.url, "weight": 1}])
         group = Group.objects.create(
             name=name, channel_type=channel, test_model="m", proxy_keys=PROXY_KEY, **fields
@@ -64,6 +70,8 @@ def make_group(provider, settings):
 
     provider.reset()
     yield make
+    # The test's last log rows are written before the next test starts.
+    wait_until(lambda: limiter.inflight == 0 and recorder.idle)
     runtime.invalidate()
 
 

@@ -71,6 +71,7 @@ def test_values_are_parsed_to_their_types(key, raw, value):
         ("failover_status_codes", "599-500", "within 100-999, low to high"),
         ("proxy_keys", " , ", "proxy_keys: must not be empty"),
         ("app_url", "ftp://x", "not an http:// or https:// URL"),
+        ("app_url", "http://gw.example.com:99999", "not an http:// or https:// URL"),
         ("proxy_url", "gopher://x", "not an http://, https:// or socks5://"),
         ("proxy_url", 5, "expected text"),
     ],

@@ -1,0 +1,210 @@
+"""The request log: every upstream attempt becomes a `RequestLog` row, off the hot path.
+
+The pipeline appends an `Entry` to a bounded in-memory buffer (no I/O, no await); a
+background task writes the buffer in batches every `request_log_write_interval_minutes`
+(0: as soon as entries arrive). The same batch updates the keys' counters and the
+hourly statistics. When the database is away, entries wait in the buffer and are
+written when it returns; beyond the bound the newest are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from asgiref.sync import sync_to_async
+from django.db import IntegrityError, close_old_connections, transaction
+from django.db.models import F
+
+from keys.models import APIKey
+from logs.models import HourlyStat, RequestLog, RequestType
+
+if TYPE_CHECKING:
+    from proxy.providers.base import Usage
+
+log = logging.getLogger("gptload.proxy")
+BUFFER_LIMIT = 100_000
+BATCH_SIZE = 1000
+RETRY_SECONDS = 5.0
+BODY_LIMIT = 65_000
+
+
+@dataclass(slots=True)
+class Entry:
+    """One attempt, as the pipeline saw it."""
+
+    timestamp: float
+    group_id: int
+    group_name: str
+    parent_group_id: int | None
+    parent_group_name: str
+    key_id: int | None
+    key_stored: str
+    key_hash: str
+    model: str
+    status: int
+    error: str
+    final: bool
+    duration_ms: int
+    source_ip: str
+    request_path: str
+    upstream: str
+    stream: bool
+    user_agent: str = ""
+    request_body: str = ""
+    usage: Usage | None = None
+
+    @property
+    def success(self) -> bool:
+        return 200 <= self.status < 400 and not self.error
+
+    def row(self) -> RequestLog:
+        usage = self.usage
+        return RequestLog(
+            timestamp=datetime.fromtimestamp(self.timestamp, UTC),
+            group_id=self.group_id, group_name=self.group_name,
+            parent_group_id=self.parent_group_id, parent_group_name=self.parent_group_name,
+            key_value=self.key_stored, key_hash=self.key_hash, model=self.model[:255],
+            is_success=self.success, source_ip=self.source_ip[:64], status_code=self.status,
+            request_path=self.request_path[:500], duration_ms=max(0, self.duration_ms),
+            error_message=self.error, user_agent=self.user_agent[:512],
+            request_type=RequestType.FINAL if self.final else RequestType.RETRY,
+            upstream_addr=self.upstream[:500], is_stream=self.stream,
+            request_body=self.request_body[:BODY_LIMIT],
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+            total_tokens=usage.total_tokens if usage else None,
+        )  # fmt: skip
+
+
+class Recorder:
+    def __init__(self, limit: int = BUFFER_LIMIT) -> None:
+        self.limit = limit
+        self.buffer: list[Entry] = []
+        self.dropped = 0
+        self.written = 0
+        self.writing = False
+        self.interval = 60.0
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def record(self, entry: Entry) -> None:
+        if len(self.buffer) >= self.limit:
+            self.dropped += 1
+            if self.dropped in (1, 100) or self.dropped % 10_000 == 0:
+                log.warning("request log buffer full: %d entries dropped so far", self.dropped)
+            return
+        self.buffer.append(entry)
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(self._wake))
+        if self.interval <= 0:
+            self._wake.set()
+
+    def configure(self, interval_minutes: float) -> None:
+        """Follows `request_log_write_interval_minutes`; a shorter interval applies now."""
+        interval = max(0.0, float(interval_minutes) * 60)
+        if interval < self.interval and self._wake is not None:
+            self._wake.set()
+        self.interval = interval
+
+    async def _run(self, wake: asyncio.Event) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout=self.interval or None)
+            wake.clear()
+            if not await self.flush():
+                await asyncio.sleep(RETRY_SECONDS)
+
+    @property
+    def idle(self) -> bool:
+        return not self.buffer and not self.writing
+
+    async def flush(self) -> bool:
+        """Writes everything buffered; on failure the entries go back to wait. True if done."""
+        while self.buffer:
+            batch, self.buffer = self.buffer[:BATCH_SIZE], self.buffer[BATCH_SIZE:]
+            self.writing = True
+            try:
+                await sync_to_async(write_batch, thread_sensitive=False)(batch)
+            except Exception as exc:  # the database is away: keep the rows for later
+                self.buffer[:0] = batch
+                overflow = len(self.buffer) - self.limit
+                if overflow > 0:
+                    del self.buffer[self.limit :]
+                    self.dropped += overflow
+                log.warning("request logs not written yet (%s); %d waiting", exc, len(self.buffer))
+                return False
+            finally:
+                self.writing = False
+            self.written += len(batch)
+        return True
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task, self._wake = None, None
+        await self.flush()
+
+
+def write_batch(entries: list[Entry]) -> None:
+    """Log rows, key counters and hourly statistics of one batch, in one transaction."""
+    close_old_connections()
+    keys: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])  # successes, failures, last
+    hours: dict[tuple[datetime, int, str], list[int]] = defaultdict(lambda: [0] * 5)
+    for entry in entries:
+        if entry.key_id is not None and entry.status != 499:
+            counts = keys[entry.key_id]
+            counts[0 if entry.success else 1] += 1
+            counts[2] = max(counts[2], int(entry.timestamp))
+        if entry.final:
+            hour = datetime.fromtimestamp(entry.timestamp - entry.timestamp % 3600, UTC)
+            usage = entry.usage
+            for group_id in filter(None, (entry.group_id, entry.parent_group_id)):
+                bucket = hours[(hour, group_id, entry.model[:255])]
+                bucket[0 if entry.success else 1] += 1
+                if usage is not None:
+                    bucket[2] += usage.prompt_tokens or 0
+                    bucket[3] += usage.completion_tokens or 0
+                    bucket[4] += usage.total_tokens or 0
+    with transaction.atomic():
+        RequestLog.objects.bulk_create([entry.row() for entry in entries], batch_size=500)
+        for key_id, (successes, failures, last) in keys.items():
+            APIKey.objects.filter(pk=key_id).update(
+                request_count=F("request_count") + successes,
+                failure_count=F("failure_count") + failures,
+                last_used_at=datetime.fromtimestamp(last, UTC),
+            )
+        for (hour, group_id, model), counts in hours.items():
+            add_hourly(hour, group_id, model, counts)
+
+
+def add_hourly(hour: datetime, group_id: int, model: str, counts: list[int]) -> None:
+    increments = {
+        "success_count": F("success_count") + counts[0],
+        "failure_count": F("failure_count") + counts[1],
+        "prompt_tokens": F("prompt_tokens") + counts[2],
+        "completion_tokens": F("completion_tokens") + counts[3],
+        "total_tokens": F("total_tokens") + counts[4],
+    }
+    bucket = HourlyStat.objects.filter(time=hour, group_id=group_id, model=model)
+    if bucket.update(**increments):
+        return
+    try:
+        with transaction.atomic():  # another node may create the same hour at once
+            HourlyStat.objects.create(
+                time=hour, group_id=group_id, model=model, success_count=counts[0],
+                failure_count=counts[1], prompt_tokens=counts[2],
+                completion_tokens=counts[3], total_tokens=counts[4],
+            )  # fmt: skip
+    except IntegrityError:
+        bucket.update(**increments)
+
+
+recorder = Recorder()

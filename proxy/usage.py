@@ -1,0 +1,146 @@
+"""Reads token usage from a response as it streams past, without holding it back.
+
+SSE responses are scanned event by event (only events that mention usage are parsed);
+other bodies are kept whole up to a bound and parsed at the end, or past the bound
+searched from their tail. When gptload asked OpenAI for the usage chunk on the
+client's behalf (`stream_options.include_usage`), that chunk is taken out again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from typing import Any
+
+import orjson
+
+from proxy.providers.base import Provider, Usage
+
+WHOLE_BODY_LIMIT = 1 << 20
+TAIL = 64 << 10
+EVENT_END = re.compile(rb"\r?\n\r?\n")
+USAGE_FIELDS = (b'"usageMetadata"', b'"usage"')
+_decoder = json.JSONDecoder()
+
+
+class UsageTap:
+    def __init__(self, provider: Provider, sse: bool, encoding: str, strip: bool) -> None:
+        self.provider = provider
+        self.sse = sse
+        self.strip = strip and sse and not encoding
+        self.usage: Usage | None = None
+        self.pending = b""
+        self.parts: list[bytes] | None = None if sse else []
+        self.size = 0
+        self.inflate = zlib.decompressobj(47) if encoding in ("gzip", "deflate", "x-gzip") else None
+        self.readable = encoding in ("", "identity") or self.inflate is not None
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Notes what `chunk` tells about usage; returns the bytes to send on."""
+        if not self.readable:
+            return chunk
+        plain = chunk
+        if self.inflate is not None:
+            try:
+                plain = self.inflate.decompress(chunk)
+            except zlib.error:
+                self.readable = False
+                return chunk
+        if not self.sse:
+            self._keep(plain)
+            return chunk
+        data = self.pending + plain if self.pending else plain
+        ends = [m.end() for m in EVENT_END.finditer(data)]
+        if not ends:
+            self.pending = data if len(data) <= WHOLE_BODY_LIMIT else b""
+            return b"" if self.strip else chunk
+        events, self.pending = data[: ends[-1]], data[ends[-1] :]
+        if b"sage" in events:
+            events = self._scan(events)
+        return events if self.strip else chunk
+
+    def finish(self) -> bytes:
+        """End of the body: the usage found at the end, and any bytes still held."""
+        if self.sse:
+            rest, self.pending = self.pending, b""
+            if rest and b"sage" in rest:
+                self._scan(rest)
+            return rest if self.strip else b""
+        if self.parts is not None:
+            body = b"".join(self.parts)
+            try:
+                self._note(orjson.loads(body))
+            except orjson.JSONDecodeError:
+                self._note_tail(body)
+        else:
+            self._note_tail(self.pending)
+        return b""
+
+    def _keep(self, plain: bytes) -> None:
+        self.size += len(plain)
+        if self.parts is not None:
+            self.parts.append(plain)
+            if self.size > WHOLE_BODY_LIMIT:
+                self.pending, self.parts = b"".join(self.parts)[-TAIL:], None
+        else:
+            self.pending = (self.pending + plain)[-TAIL:]
+
+    def _scan(self, events: bytes) -> bytes:
+        kept: list[bytes] = []
+        dropped = False
+        for event in EVENT_END.split(events):
+            if not event:
+                continue
+            data = b"".join(
+                line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")
+            )
+            if b"sage" in data:
+                try:
+                    payload = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    payload = None
+                self._note(payload)
+                if self.strip and _is_usage_chunk(payload):
+                    dropped = True
+                    continue
+            kept.append(event + b"\n\n")
+        return b"".join(kept) if dropped else events
+
+    def _note(self, payload: Any) -> None:
+        found = self.provider.usage_of(payload)
+        if found is None:
+            return
+        if self.usage is None:
+            self.usage = found
+            return
+        if found.prompt_tokens is not None:
+            self.usage.prompt_tokens = found.prompt_tokens
+        if found.completion_tokens is not None:
+            self.usage.completion_tokens = found.completion_tokens
+
+    def _note_tail(self, tail: bytes) -> None:
+        """A body too big (or not JSON) to parse whole: the last usage object in its tail."""
+        text = tail.decode(errors="replace")
+        for field in USAGE_FIELDS:
+            at = text.rfind(field.decode())
+            if at < 0:
+                continue
+            colon = text.find(":", at + len(field))
+            start = colon + 1
+            while start < len(text) and text[start] in " \t\r\n":
+                start += 1
+            try:
+                value, _ = _decoder.raw_decode(text, start)
+            except ValueError:
+                continue
+            self._note({field.decode().strip('"'): value})
+            return
+
+
+def _is_usage_chunk(payload: Any) -> bool:
+    return (
+        isinstance(payload, dict)
+        and payload.get("choices") == []
+        and isinstance(payload.get("usage"), dict)
+    )
