@@ -41,8 +41,8 @@ class KeyState:
     failures: int
     at: float  # when the change happened (wall clock)
 
-    def encode(self) -> bytes:
-        return orjson.dumps({"node": NODE, "id": self.id, "s": self.status, "u": self.until,
+    def encode(self, node: str = NODE) -> bytes:
+        return orjson.dumps({"node": node, "id": self.id, "s": self.status, "u": self.until,
                              "f": self.failures, "t": self.at})  # fmt: skip
 
     @classmethod

@@ -137,9 +137,10 @@ def build_snapshot(version: int, previous: Snapshot | None = None) -> Snapshot:
     rows = APIKey.objects.filter(status__in=[KeyStatus.ACTIVE, KeyStatus.COOLING]).order_by("id")
     for row in rows.values_list(
         "id", "group_id", "key_value", "key_hash", "status", "cooling_until",
-        "consecutive_failures", "status_changed_at",
+        "consecutive_failures", "status_changed_at", "created_at",
     ).iterator(2000):  # fmt: skip
-        key_id, group_id, stored, key_hash, status, until, failures, changed = row
+        key_id, group_id, stored, key_hash, status, until, failures, changed, created = row
+        changed = changed or created
         try:
             secret = cipher.decrypt(stored)
         except DecryptionError:

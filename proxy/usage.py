@@ -108,6 +108,10 @@ class UsageTap:
         return b"".join(kept) if dropped else events
 
     def _note(self, payload: Any) -> None:
+        if isinstance(payload, list):  # Gemini's streamed JSON array: usage so far per item
+            for item in payload:
+                self._note(item)
+            return
         found = self.provider.usage_of(payload)
         if found is None:
             return

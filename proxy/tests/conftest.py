@@ -8,12 +8,14 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import uvicorn
+from django.conf import settings as django_settings
 
 from conftest import free_port
 from keys.models import APIKey, Group
 from proxy.pipeline import limiter
 from proxy.recorder import recorder
 from proxy.runtime import runtime
+from proxy.shared import KEY_STATES
 from settings_app.models import SystemSetting
 from tests.fakeprovider import FakeProvider
 
@@ -69,6 +71,10 @@ def make_group(provider, settings):
         return group
 
     provider.reset()
+    if django_settings.REDIS_DSN:  # states shared by an earlier run name other keys
+        import redis
+
+        redis.Redis.from_url(django_settings.REDIS_DSN).delete(KEY_STATES)
     yield make
     # The test's last log rows are written before the next test starts.
     wait_until(lambda: limiter.inflight == 0 and recorder.idle)
