@@ -411,7 +411,7 @@ async def send(call: Call, target: Target, key: KeyEntry, upstream: str) -> http
         write=settings["request_timeout"],
         pool=settings["connect_timeout"],
     )
-    http = runtime.http()
+    http = runtime.http(settings)
     request = http.build_request(
         call.method, url, headers=outbound.headers, content=target.body or None, timeout=timeout
     )

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,6 +31,14 @@ from settings_app.models import ConfigVersion
 
 log = logging.getLogger("gptload.proxy")
 POLL_SECONDS = 1.0
+PROXY_VARIABLES = (
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+)
 
 
 class Runtime:
@@ -39,7 +49,7 @@ class Runtime:
         self._task: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._ready: asyncio.Event | None = None
-        self.client: httpx.AsyncClient | None = None
+        self.clients: dict[tuple[str, int, int, int], httpx.AsyncClient] = {}
         self.shared: Shared | None = None
 
     async def current(self) -> Snapshot:
@@ -70,20 +80,14 @@ class Runtime:
         """Forgets the snapshot; the next request rebuilds it from the database."""
         self.snapshot, self._ready = None, None
 
-    def http(self) -> httpx.AsyncClient:
-        if self.client is None:
-            limits = httpx.Limits(
-                max_connections=1000, max_keepalive_connections=200, keepalive_expiry=120
-            )
-            session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=1000, limit_per_host=0, keepalive_timeout=120),
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent",),
-            )
-            self.client = httpx.AsyncClient(
-                transport=AiohttpTransport(client=session, limits=limits), follow_redirects=False
-            )
-        return self.client
+    def http(self, config: Mapping[str, Any]) -> httpx.AsyncClient:
+        """The upstream client for a group's effective settings, shared by equal ones."""
+        fingerprint = (str(config["proxy_url"]), int(config["max_idle_conns"]),
+                       int(config["max_idle_conns_per_host"]), int(config["idle_conn_timeout"]))  # fmt: skip
+        client = self.clients.get(fingerprint)
+        if client is None:
+            client = self.clients[fingerprint] = upstream_client(*fingerprint)
+        return client
 
     def key_changed(self, key: KeyEntry, error: str = "") -> None:
         key.changed_at = time.time()
@@ -157,12 +161,50 @@ class Runtime:
                 task.cancel()
         await self.flush_keys()
         await recorder.stop()
-        if self.client is not None:
-            await self.client.aclose()
+        for client in self.clients.values():
+            await client.aclose()
         if self.shared is not None:
             await self.shared.close()
-        self.client, self.snapshot, self._ready, self._task = None, None, None, None
+        self.clients, self.snapshot, self._ready, self._task = {}, None, None, None
         self._listener, self.shared = None, None
+
+
+def upstream_client(
+    proxy_url: str, max_idle: int, max_idle_per_host: int, idle_timeout: int
+) -> httpx.AsyncClient:
+    """httpx on aiohttp (PERFORMANCE.md §1): keep-alive, no redirects, bytes undecoded.
+
+    Connection slots never fall below `MAX_CONCURRENT_REQUESTS`, so that the gateway
+    never queues behind its own pool; `max_idle_conns*` can raise them, not lower them.
+    Without a `proxy_url`, the standard HTTP(S)_PROXY variables apply when set.
+    """
+    floor = settings.MAX_CONCURRENT_REQUESTS
+    limit, per_host = max(max_idle, floor), max(max_idle_per_host, floor)
+    proxy = None
+    connector: aiohttp.BaseConnector
+    if proxy_url.startswith("socks"):
+        from aiohttp_socks import ProxyConnector
+
+        remote_dns = proxy_url.startswith("socks5h")
+        url = "socks5" + proxy_url.removeprefix("socks5h").removeprefix("socks5")
+        connector = ProxyConnector.from_url(
+            url, rdns=remote_dns, limit=limit, limit_per_host=per_host,
+            keepalive_timeout=idle_timeout,
+        )  # fmt: skip
+    else:
+        connector = aiohttp.TCPConnector(
+            limit=limit, limit_per_host=per_host, keepalive_timeout=idle_timeout
+        )
+        proxy = httpx.Proxy(proxy_url) if proxy_url else None
+    session = aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent",),
+        trust_env=not proxy_url and any(os.environ.get(v) for v in PROXY_VARIABLES),
+    )
+    limits = httpx.Limits(max_connections=limit, keepalive_expiry=idle_timeout)
+    transport = AiohttpTransport(client=session, limits=limits, proxy=proxy)
+    return httpx.AsyncClient(transport=transport, follow_redirects=False)
 
 
 def _read_version() -> int:
