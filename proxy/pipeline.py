@@ -349,11 +349,17 @@ async def forward(call: Call) -> HttpResponseBase:
             call.record(target, key, 499, final=True, error="client disconnected", upstream=url)
             raise
         status = response.status_code
-        if status in group.failover_codes:
+        rejected = status == 400 and status not in group.failover_codes
+        if status in group.failover_codes or rejected:
             try:
                 body = await response.aread()
             finally:
                 await response.aclose()
+            if rejected and not looks_like_invalid_key(parse_error_message(body)):
+                # The client's mistake (Gemini says "bad key" with 400 too: that one retries).
+                call.record(target, key, status, final=True, error=parse_error_message(body),
+                            upstream=url)  # fmt: skip
+                return buffered(response, body)
             error = judge_failure(group, key, status, response.headers, body)
             content_type = response.headers.get("content-type", "application/json")
             failed = HttpResponse(mask_in(body, key.secret.encode()), status=status,
@@ -369,6 +375,11 @@ async def forward(call: Call) -> HttpResponseBase:
         last.record(call, final=True)
         return last.response
     raise no_key_error(call)
+
+
+def buffered(upstream: httpx.Response, body: bytes) -> HttpResponse:
+    headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+    return HttpResponse(body, status=upstream.status_code, headers=headers)
 
 
 def no_key_error(call: Call) -> ProxyError:
@@ -519,8 +530,7 @@ async def model_list(
         rewritten = modellist.rewrite(body, list(group.redirects), group.strict, first_page)
     call.record(target, key, upstream.status_code, final=True, upstream=url)
     if rewritten is None:
-        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-        return HttpResponse(body, status=upstream.status_code, headers=headers)
+        return buffered(upstream, body)
     return HttpResponse(rewritten, status=200, content_type="application/json")
 
 

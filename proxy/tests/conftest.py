@@ -85,7 +85,7 @@ def proxy_url(gateway: str, group: str) -> str:
     return f"{gateway}/proxy/{group}"
 
 
-def wait_until(check, timeout: float = 3.0) -> bool:
+def wait_until(check, timeout: float = 8.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
