@@ -218,3 +218,18 @@ def test_gptload_waits_for_a_slow_first_byte_within_the_header_timeout(
     worker.start()
     worker.join(5)
     assert done
+
+
+def test_a_group_change_is_in_force_within_a_second_without_restart(gateway, provider, make_group):
+    group = make_group(keys=("k1",))
+    client(gateway).chat.completions.create(**CHAT)
+    group.param_overrides = {"temperature": 0.25}
+    group.save()  # the admin, the API and the jobs all save like this
+    began = time.monotonic()
+
+    def applied() -> bool:
+        client(gateway).chat.completions.create(**CHAT)
+        return provider.requests[-1].json.get("temperature") == 0.25
+
+    assert wait_until(applied, timeout=3)
+    assert time.monotonic() - began < 1.6
