@@ -70,22 +70,21 @@ class ProxyHandler(ASGIHandler):
                 await self.send_response(error_response, send)
             return
         writer = BoundedSend(send, settings.SERVER_WRITE_TIMEOUT)
+        answered: list[HttpResponseBase] = []
+
+        async def respond() -> None:
+            response = await self.run_get_response(request)
+            answered.append(response)
+            await self.send_response(response, writer)
+
         listener = asyncio.create_task(self.listen_for_disconnect(receive))
-        worker = asyncio.create_task(self.run_get_response(request))
-        response = None
+        worker = asyncio.create_task(respond())
         try:
             await asyncio.wait([listener, worker], return_when=asyncio.FIRST_COMPLETED)
-            if worker.done() and not worker.cancelled() and worker.exception() is None:
-                response = worker.result()
-                sender = asyncio.create_task(self.send_response(response, writer))
-                await asyncio.wait([listener, sender], return_when=asyncio.FIRST_COMPLETED)
-                await finish(sender)
         finally:
             await finish(worker)
             await finish(listener)
-            if response is None and worker.done() and not worker.cancelled():
-                response = worker.result() if worker.exception() is None else None
-            relay = getattr(response, "relay", None)
+            relay = getattr(answered[0], "relay", None) if answered else None
             if relay is not None:
                 await relay.aclose()
             body_file.close()

@@ -2,8 +2,9 @@
 
 The pipeline appends an `Entry` to a bounded in-memory buffer (no I/O, no await); a
 background task writes the buffer in batches every `request_log_write_interval_minutes`
-(0: as soon as entries arrive). The same batch updates the keys' counters and the
-hourly statistics. When the database is away, entries wait in the buffer and are
+(0: as soon as entries arrive), and whenever a full batch is waiting, so that memory
+stays flat under load. The same batch updates the keys' counters and the hourly
+statistics. When the database is away, entries wait in the buffer and are
 written when it returns; beyond the bound the newest are dropped and counted.
 """
 
@@ -104,8 +105,8 @@ class Recorder:
             self._wake = asyncio.Event()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(self._wake))
-        if self.interval <= 0:
-            self._wake.set()
+        if self.interval <= 0 or len(self.buffer) % BATCH_SIZE == 0:
+            self._wake.set()  # a full batch goes now: memory stays flat under load
 
     def configure(self, interval_minutes: float) -> None:
         """Follows `request_log_write_interval_minutes`; a shorter interval applies now."""
