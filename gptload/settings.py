@@ -10,6 +10,7 @@ live in the database: see `settings_app.registry`.
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
 from dotenv import load_dotenv
@@ -110,8 +111,12 @@ LANGUAGE_CODE = "en-us"
 DEBUG = env.boolean("DJANGO_DEBUG", False)
 ALLOWED_HOSTS = ["*"]  # a gateway answers whatever name it is reached by
 CSRF_TRUSTED_ORIGINS = env.items("CSRF_TRUSTED_ORIGINS", "")
+# daphne's app provides `runserver` on ASGI (it must precede staticfiles). Loading it
+# installs Twisted's reactor and costs every uvicorn worker ~20 MiB, so only runserver
+# gets it; `daphne gptload.asgi:application` serves without it.
+RUNSERVER = sys.argv[1:2] == ["runserver"]
 INSTALLED_APPS = [
-    "daphne",  # must precede staticfiles: it provides `runserver` on ASGI
+    *(["daphne"] if RUNSERVER else []),
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
