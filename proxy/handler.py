@@ -69,6 +69,9 @@ class ProxyHandler(ASGIHandler):
             if error_response is not None:
                 await self.send_response(error_response, send)
             return
+        # Forwarded as bytes whatever their size (images in a vision request run to many
+        # MB): DATA_UPLOAD_MAX_MEMORY_SIZE guards form parsing, which the proxy never does.
+        request._body = body_file.read()
         writer = BoundedSend(send, settings.SERVER_WRITE_TIMEOUT)
         answered: list[HttpResponseBase] = []
 

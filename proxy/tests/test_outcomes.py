@@ -233,3 +233,13 @@ def test_a_group_change_is_in_force_within_a_second_without_restart(gateway, pro
 
     assert wait_until(applied, timeout=3)
     assert time.monotonic() - began < 1.6
+
+
+def test_large_request_bodies_are_forwarded_whole(gateway, provider, make_group):
+    make_group(keys=("k1",))
+    image = "A" * (6 << 20)  # a 6 MB base64 image, beyond Django's form-data limit
+    content = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}}]
+    messages: Any = [{"role": "user", "content": content}]
+    answer = client(gateway).chat.completions.create(model="m", messages=messages)
+    assert answer.choices[0].message.content == full_text()
+    assert len(provider.requests[0].body) > 6 << 20
