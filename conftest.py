@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -170,3 +172,56 @@ def serve(store_env: dict[str, str]) -> Iterator[object]:
     yield start
     for server in servers:
         server.stop()
+
+
+ADMIN_KEY = "sk-admin-test-key-0123456789abcdef"
+
+
+class AdminApi:
+    """The management API through Django's test client, as an operator's script calls it."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+    def call(self, method: str, path: str, body: Any = None, **extra: Any) -> Any:
+        kwargs: dict[str, Any] = {"headers": {**self.headers, **extra.pop("headers", {})}}
+        if body is not None:
+            kwargs.update(data=json.dumps(body), content_type="application/json")
+        return getattr(self.client, method)(f"/api{path}", **kwargs, **extra)
+
+    def get(self, path: str, **extra: Any) -> Any:
+        return self.call("get", path, **extra)
+
+    def post(self, path: str, body: Any = None, **extra: Any) -> Any:
+        return self.call("post", path, body, **extra)
+
+    def put(self, path: str, body: Any = None, **extra: Any) -> Any:
+        return self.call("put", path, body, **extra)
+
+    def delete(self, path: str, body: Any = None, **extra: Any) -> Any:
+        return self.call("delete", path, body, **extra)
+
+    @staticmethod
+    def data(response: Any, status: int = 200) -> Any:
+        """The envelope's `data`, after checking the status and the envelope itself."""
+        assert response.status_code == status, response.content
+        body = response.json()
+        assert (body["code"], body["message"]) == (0, "success"), body
+        return body["data"]
+
+    @staticmethod
+    def refused(response: Any, status: int, code: str) -> str:
+        """The error message, after checking GPT-Load's error shape, status and code."""
+        assert response.status_code == status, response.content
+        body = response.json()
+        assert body["code"] == code, body
+        assert body["message"]
+        return str(body["message"])
+
+
+@pytest.fixture
+def admin_api(client: Any, settings: Any) -> AdminApi:
+    """The management API with AUTH_KEY as a Bearer token (a staff session works too)."""
+    settings.AUTH_KEY = ADMIN_KEY
+    return AdminApi(client)

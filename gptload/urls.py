@@ -1,19 +1,32 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from django.urls import path
+from django.urls import path, re_path
 from django.views.generic import RedirectView
 
+from gptload import api_system
+from gptload.api import api, unknown_path
 from gptload.health import health
+from keys import api_groups, api_keys
+from logs import api as logs_api
 from proxy.api import api as proxy_api
+from settings_app import api as settings_api
 
 admin.site.site_header = "gptload"
 admin.site.site_title = "gptload"
 admin.site.index_title = "Gateway administration"
 
+api.add_router("", api_system.router)  # auth, channel types, integration, tasks
+api.add_router("/groups", api_groups.router)
+api.add_router("/keys", api_keys.router)
+api.add_router("", logs_api.router)  # logs and dashboard
+api.add_router("/settings", settings_api.router)
+
 urlpatterns = [
     path("health", health, name="health"),
     path("admin/", admin.site.urls),
     path("proxy/", proxy_api.urls),
+    path("api/", api.urls),
+    re_path(r"^api/(?P<rest>.*)$", unknown_path),
     path("", RedirectView.as_view(url="/admin/", permanent=False)),
 ]

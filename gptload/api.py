@@ -1,0 +1,212 @@
+"""`/api/`: the management REST API, with GPT-Load's paths and shapes (REFERENCE.md §5).
+
+Every success is the envelope `{"code": 0, "message": "success", "data": …}`; every
+error is `{"code": "UPPER_SNAKE", "message": "…"}` with its HTTP status, whatever raised
+it (a refusal of ours, a validation error of ninja or of a model, a duplicate row, a body
+that is not JSON, a bug). Lists page as `{items, pagination}`.
+
+Auth: `AUTH_KEY` as `Authorization: Bearer`, `X-Api-Key` or `X-Goog-Api-Key` (constant
+time), or the session of a staff user logged in to the admin (with CSRF). Never `?key=`:
+it would end up in access logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, TypeVar
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import ValidationError as ModelValidationError
+from django.db import IntegrityError
+from django.db.models import QuerySet
+from django.http import Http404, HttpRequest, HttpResponse
+from ninja import NinjaAPI, Schema
+from ninja.errors import AuthenticationError, HttpError, ValidationError
+from ninja.security import APIKeyHeader, HttpBearer, SessionAuth
+
+from gptload.lib.secrets import constant_time_in
+
+log = logging.getLogger("gptload.api")
+T = TypeVar("T")
+MAX_PAGE_SIZE = 1000
+STATUS_CODES = {400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND",
+                405: "METHOD_NOT_ALLOWED", 409: "CONFLICT", 413: "PAYLOAD_TOO_LARGE",
+                422: "VALIDATION_FAILED", 429: "TOO_MANY_REQUESTS", 503: "SERVICE_UNAVAILABLE"}  # fmt: skip
+
+
+class ApiError(Exception):
+    """A refusal with GPT-Load's error code, e.g. `ApiError(409, "TASK_IN_PROGRESS", "…")`."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def not_found(what: str) -> ApiError:
+    return ApiError(404, "NOT_FOUND", f"{what} not found")
+
+
+class Envelope(Schema, Generic[T]):
+    code: int = 0
+    message: str = "success"
+    data: T
+
+
+class Pagination(Schema):
+    page: int
+    page_size: int
+    total_items: int
+    total_pages: int
+
+
+class Page(Schema, Generic[T]):
+    items: list[T]
+    pagination: Pagination
+
+
+class ErrorOut(Schema):
+    code: str
+    message: str
+
+
+def ok(data: Any = None, message: str = "success") -> dict[str, Any]:
+    return {"code": 0, "message": message, "data": data}
+
+
+def paginate(
+    rows: QuerySet[Any],
+    page: int,
+    page_size: int,
+    convert: Callable[[Iterable[Any]], list[Any]] = list,
+) -> dict[str, Any]:
+    """One page of `rows` (already ordered) and its counts, GPT-Load's shape."""
+    if page < 1 or not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise ApiError(400, "BAD_REQUEST",
+                       f"page must be ≥ 1 and page_size between 1 and {MAX_PAGE_SIZE}")  # fmt: skip
+    total = rows.count()
+    start = (page - 1) * page_size
+    items = convert(rows[start : start + page_size])
+    return {
+        "items": items,
+        "pagination": {
+            "page": page,
+            "page_size": page_size,
+            "total_items": total,
+            "total_pages": math.ceil(total / page_size) if total else 0,
+        },
+    }
+
+
+def is_admin_key(key: str | None) -> bool:
+    return bool(key) and constant_time_in(key or "", (settings.AUTH_KEY,))
+
+
+class BearerKey(HttpBearer):
+    def authenticate(self, request: HttpRequest, token: str) -> bool | None:
+        return True if is_admin_key(token) else None
+
+
+class HeaderKey(APIKeyHeader):
+    def __init__(self, header: str) -> None:
+        self.param_name = header
+        super().__init__()
+
+    def authenticate(self, request: HttpRequest, key: str | None) -> bool | None:
+        return True if is_admin_key(key) else None
+
+
+class StaffSession(SessionAuth):
+    """A staff user logged in to the admin; unsafe methods need the CSRF token."""
+
+    def authenticate(self, request: HttpRequest, key: str | None) -> Any:
+        user = getattr(request, "user", None)
+        return user if user is not None and user.is_active and user.is_staff else None
+
+
+ADMIN_AUTH = [BearerKey(), HeaderKey("X-Api-Key"), HeaderKey("X-Goog-Api-Key"), StaffSession()]
+
+api = NinjaAPI(
+    title="gptload management API",
+    version="1",
+    description="GPT-Load-compatible management API. Authenticate with AUTH_KEY as a Bearer "
+    "token or X-Api-Key header, or with an admin session.",
+    urls_namespace="api",
+    auth=ADMIN_AUTH,
+    docs_url="/docs",
+    openapi_url="/openapi.json",
+)
+
+
+def error(request: HttpRequest, status: int, code: str, message: str) -> HttpResponse:
+    return api.create_response(request, {"code": code, "message": message}, status=status)
+
+
+@api.exception_handler(ApiError)
+def on_api_error(request: HttpRequest, exc: ApiError) -> HttpResponse:
+    return error(request, exc.status, exc.code, exc.message)
+
+
+@api.exception_handler(ValidationError)
+def on_validation_error(request: HttpRequest, exc: ValidationError) -> HttpResponse:
+    problems = []
+    for item in exc.errors:
+        where = ".".join(str(p) for p in item.get("loc", ()) if p not in ("body", "payload"))
+        problems.append(f"{where}: {item.get('msg', 'invalid')}" if where else item.get("msg", ""))
+    if any("Cannot parse request body" in p for p in problems):
+        return error(request, 400, "INVALID_JSON", "The request body is not valid JSON.")
+    return error(request, 400, "VALIDATION_FAILED", "; ".join(problems) or "Invalid request.")
+
+
+@api.exception_handler(ModelValidationError)
+def on_model_validation_error(request: HttpRequest, exc: ModelValidationError) -> HttpResponse:
+    if hasattr(exc, "error_dict"):
+        problems = [f"{field}: {' '.join(m for e in errors for m in e.messages)}"
+                    for field, errors in exc.error_dict.items()]  # fmt: skip
+    else:
+        problems = list(exc.messages)
+    return error(request, 400, "VALIDATION_FAILED", "; ".join(problems))
+
+
+@api.exception_handler(AuthenticationError)
+def on_unauthenticated(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
+    return error(request, 401, "UNAUTHORIZED", "Authentication failed: send AUTH_KEY as a "
+                 "Bearer token or X-Api-Key header.")  # fmt: skip
+
+
+@api.exception_handler(HttpError)
+def on_http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
+    if str(exc) == "Cannot parse request body":
+        return error(request, 400, "INVALID_JSON", "The request body is not valid JSON.")
+    code = STATUS_CODES.get(exc.status_code, "BAD_REQUEST")
+    return error(request, exc.status_code, code, str(exc))
+
+
+@api.exception_handler(Http404)
+def on_not_found(request: HttpRequest, exc: Http404) -> HttpResponse:
+    return error(request, 404, "NOT_FOUND", str(exc) or "Not found.")
+
+
+def unknown_path(request: HttpRequest, rest: str = "") -> HttpResponse:
+    """`/api/…` paths with no endpoint: a JSON 404, not Django's HTML page."""
+    return error(request, 404, "NOT_FOUND", f"No API endpoint at {request.path}")
+
+
+@api.exception_handler(IntegrityError)
+def on_integrity_error(request: HttpRequest, exc: IntegrityError) -> HttpResponse:
+    return error(request, 409, "DUPLICATE_RESOURCE", "A record with these values already exists.")
+
+
+@api.exception_handler(RequestDataTooBig)
+def on_too_big(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    return error(request, 413, "PAYLOAD_TOO_LARGE", f"The request body exceeds {limit} bytes; "
+                 "upload large key files with /api/keys/add-async.")  # fmt: skip
+
+
+@api.exception_handler(Exception)
+def on_unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
+    log.exception("management API request %s %s failed", request.method, request.path)
+    return error(request, 500, "INTERNAL_SERVER_ERROR", "gptload failed to handle this request.")
