@@ -51,6 +51,7 @@ class Runtime:
         self._ready: asyncio.Event | None = None
         self.clients: dict[tuple[str, int, int, int], httpx.AsyncClient] = {}
         self.shared: Shared | None = None
+        self._generation = 0
 
     async def current(self) -> Snapshot:
         if self.snapshot is not None:
@@ -79,6 +80,7 @@ class Runtime:
     def invalidate(self) -> None:
         """Forgets the snapshot; the next request rebuilds it from the database."""
         self.snapshot, self._ready = None, None
+        self._generation += 1
 
     def http(self, config: Mapping[str, Any]) -> httpx.AsyncClient:
         """The upstream client for a group's effective settings, shared by equal ones."""
@@ -125,11 +127,13 @@ class Runtime:
                 log.exception("proxy snapshot refresh failed")
 
     async def _refresh(self, force: bool = False) -> None:
+        generation = self._generation
         version = await sync_to_async(_read_version)()
         if force or self.snapshot is None or version != self.snapshot.version:
             snapshot = await sync_to_async(_build)(version, self.snapshot)
             await self._overlay(snapshot)
-            self.snapshot = snapshot
+            if force or generation == self._generation:  # else invalidated while built
+                self.snapshot = snapshot
 
     async def _overlay(self, snapshot: Snapshot) -> None:
         """Key states other nodes shared and the database has not caught up with yet."""
