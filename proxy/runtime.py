@@ -8,6 +8,7 @@ pending key-state changes in one batch, and swaps in a fresh snapshot when neede
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import time
@@ -199,7 +200,7 @@ def upstream_client(
         connector = aiohttp.TCPConnector(
             limit=limit, limit_per_host=per_host, keepalive_timeout=idle_timeout
         )
-        proxy = httpx.Proxy(proxy_url) if proxy_url else None
+        proxy = outbound_proxy(proxy_url) if proxy_url else None
     session = aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,
@@ -209,6 +210,20 @@ def upstream_client(
     limits = httpx.Limits(max_connections=limit, keepalive_expiry=idle_timeout)
     transport = AiohttpTransport(client=session, limits=limits, proxy=proxy)
     return httpx.AsyncClient(transport=transport, follow_redirects=False)
+
+
+def outbound_proxy(url: str) -> httpx.Proxy:
+    """An http(s) proxy, its credentials as a header (aiohttp deprecates BasicAuth).
+
+    aiohttp moves an `Authorization` among the proxy headers to `Proxy-Authorization`, on
+    the request itself for plain HTTP and on the CONNECT for HTTPS, never to the origin.
+    """
+    parsed = httpx.URL(url)
+    if not (parsed.username or parsed.password):
+        return httpx.Proxy(url)
+    token = base64.b64encode(f"{parsed.username}:{parsed.password}".encode()).decode()
+    return httpx.Proxy(parsed.copy_with(username=None, password=None),
+                       headers={"Authorization": f"Basic {token}"})  # fmt: skip
 
 
 def _read_version() -> int:

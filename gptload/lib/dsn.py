@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
@@ -76,7 +77,8 @@ def sqlite_config(path: Path) -> dict[str, Any]:
         },
         # The test database is a file too: Django's default in-memory one shares a cache
         # with table-level locks, which fail where WAL lets a reader and a writer meet.
-        "TEST": {"NAME": str(path.with_name(f"test-{path.name}"))},
+        # One per process, so that two test runs side by side do not share it.
+        "TEST": {"NAME": str(Path(tempfile.gettempdir()) / f"gptload-test-{os.getpid()}.db")},
     }
 
 
