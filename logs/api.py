@@ -1,5 +1,542 @@
+"""`/api/logs`, `/api/logs/export` and `/api/dashboard/*` (REFERENCE.md §5.5, §5.6, §3.8).
+
+The log listing filters on indexed columns where GPT-Load's filters allow it (key hash,
+status code, request type, time); the dashboard reads the hourly rollups, never the log
+table, except for the requests-per-minute card (20 minutes of `final` rows through the
+`(request_type, timestamp)` index).
+"""
+
 from __future__ import annotations
 
-from ninja import Router
+import contextlib
+import csv
+import io
+import re
+from collections.abc import AsyncIterator, Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
 
-router = Router()
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.handlers.asgi import ASGIRequest
+from django.db.models import Count, F, Q, QuerySet, Sum, Window
+from django.db.models.functions import RowNumber
+from django.http import HttpRequest, StreamingHttpResponse
+from django.utils import timezone
+from ninja import Field, Query, Router, Schema
+from pydantic import field_validator
+
+from gptload.api import ApiError, Envelope, Page, not_found, ok, paginate
+from gptload.lib.crypto import Cipher, DecryptionError, current_cipher
+from gptload.lib.secrets import constant_time_in, mask, weakness
+from keys.models import APIKey, Group, GroupType, KeyStatus
+from logs.models import HourlyStat, RequestLog, RequestType
+from settings_app.models import SystemSetting
+
+router = Router(tags=["logs"])
+UNDECRYPTABLE = "failed-to-decrypt"
+EXPORT_BATCH = 1000
+# "+08:00" in an unencoded query string arrives as " 08:00"; put the plus sign back.
+SPACED_OFFSET = re.compile(r" (\d{2}(?::?\d{2})?)$")
+
+
+# --- logs -------------------------------------------------------------------------------
+
+
+class LogFilters(Schema):
+    """GPT-Load's log filters. An empty parameter (`?status_code=`) means no filter."""
+
+    parent_group_name: str | None = Field(None, description="Substring, case-insensitive.")
+    group_name: str | None = Field(None, description="Substring, case-insensitive.")
+    model: str | None = Field(None, description="Substring, case-insensitive.")
+    key_value: str | None = Field(None, description="The exact upstream key (matched by hash).")
+    is_success: bool | None = None
+    request_type: Literal["retry", "final"] | None = None
+    status_code: int | None = Field(None, ge=100, le=999)
+    source_ip: str | None = Field(None, description="Exact client address.")
+    error_contains: str | None = Field(None, description="Substring of the error message.")
+    start_time: str | None = Field(None, description="ISO 8601 / RFC 3339, inclusive.")
+    end_time: str | None = Field(None, description="ISO 8601 / RFC 3339, inclusive.")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def blank_is_absent(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+class LogOut(Schema):
+    id: str
+    timestamp: datetime
+    group_id: int | None
+    group_name: str
+    parent_group_id: int | None
+    parent_group_name: str
+    key_value: str = Field(description=f"The upstream key in plaintext, or {UNDECRYPTABLE!r}.")
+    masked_key: str
+    key_hash: str
+    model: str
+    is_success: bool
+    source_ip: str
+    status_code: int
+    request_path: str
+    duration_ms: int
+    error_message: str
+    user_agent: str
+    request_type: str
+    upstream_addr: str
+    is_stream: bool
+    request_body: str
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+
+
+def parse_time(name: str, raw: str) -> datetime:
+    """An ISO 8601 instant; without an offset it is read in the server's TZ."""
+    text = SPACED_OFFSET.sub(r"+\1", raw.strip())
+    try:
+        value = datetime.fromisoformat(text)
+        if timezone.is_naive(value):
+            value = timezone.make_aware(value)
+        return value.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise ApiError(400, "BAD_REQUEST", f"{name}: {raw!r} is not an ISO 8601 time such as "
+                       "2026-01-31T08:00:00Z or 2026-01-31T16:00:00+08:00") from None  # fmt: skip
+
+
+def filtered_logs(filters: LogFilters) -> QuerySet[RequestLog]:
+    """The log rows that pass `filters`; raises `ApiError` (400) for a bad time."""
+    rows = RequestLog.objects.all()
+    # Substring filters (as GPT-Load's LIKE) cannot use an index: counting their matches
+    # scans the table, about 150 ms per million rows on SQLite. The others are indexed.
+    for field in ("parent_group_name", "group_name", "model"):
+        if value := getattr(filters, field):
+            rows = rows.filter(**{f"{field}__icontains": value.strip()})
+    if filters.key_value:
+        rows = rows.filter(key_hash=current_cipher().hash(filters.key_value.strip()))
+    if filters.is_success is not None:
+        rows = rows.filter(is_success=filters.is_success)
+    if filters.request_type:
+        rows = rows.filter(request_type=filters.request_type)
+    if filters.status_code is not None:
+        rows = rows.filter(status_code=filters.status_code)
+    if filters.source_ip:
+        rows = rows.filter(source_ip=filters.source_ip.strip())
+    if filters.error_contains:
+        rows = rows.filter(error_message__icontains=filters.error_contains)
+    start = parse_time("start_time", filters.start_time) if filters.start_time else None
+    end = parse_time("end_time", filters.end_time) if filters.end_time else None
+    if start and end and start > end:
+        raise ApiError(400, "BAD_REQUEST", "start_time must not be later than end_time")
+    if start:
+        rows = rows.filter(timestamp__gte=start)
+    if end:
+        rows = rows.filter(timestamp__lte=end)
+    return rows
+
+
+class KeyReveal:
+    """Decrypts stored key values for display, once per distinct value."""
+
+    def __init__(self, cipher: Cipher) -> None:
+        self.cipher = cipher
+        self.seen: dict[str, str] = {}
+
+    def __call__(self, stored: str) -> str:
+        if not stored:
+            return ""
+        if stored not in self.seen:
+            try:
+                self.seen[stored] = self.cipher.decrypt(stored)
+            except DecryptionError:
+                self.seen[stored] = UNDECRYPTABLE
+        return self.seen[stored]
+
+
+def log_rows(rows: Iterable[RequestLog]) -> list[dict[str, Any]]:
+    reveal = KeyReveal(current_cipher())
+    items = []
+    for row in rows:
+        plain = reveal(row.key_value)
+        items.append({
+            **{f.attname: getattr(row, f.attname) for f in RequestLog._meta.concrete_fields},
+            "id": str(row.id),
+            "key_value": plain,
+            "masked_key": plain if plain == UNDECRYPTABLE else mask(plain),
+        })  # fmt: skip
+    return items
+
+
+@router.get("/logs", response=Envelope[Page[LogOut]])
+def list_logs(
+    request: HttpRequest, filters: Query[LogFilters], page: int = 1, page_size: int = 15
+) -> dict[str, Any]:
+    """Request logs, newest first, one row per upstream attempt, with the key in plaintext
+    (and `masked_key` for display). `page_size` is at most 1000."""
+    rows = filtered_logs(filters).order_by("-timestamp")
+    return ok(paginate(rows, page, page_size, log_rows))
+
+
+def latest_per_key(rows: QuerySet[RequestLog], after: str) -> tuple[str, list[tuple[str, ...]]]:
+    """The next batch of distinct key hashes above `after`, each with its newest log row.
+
+    Two steps so that each stays on the `(key_hash, timestamp)` index: the distinct hashes
+    of the batch, then ROW_NUMBER() over only their rows (SQLite ≥ 3.25, MariaDB ≥ 10.2).
+    """
+    hashes = list(
+        rows.filter(key_hash__gt=after)
+        .order_by("key_hash")
+        .values_list("key_hash", flat=True)
+        .distinct()[:EXPORT_BATCH]
+    )
+    if not hashes:
+        return "", []
+    newest = Window(
+        RowNumber(), partition_by=[F("key_hash")], order_by=[F("timestamp").desc(), F("id").desc()]
+    )
+    latest = (
+        rows.filter(key_hash__in=hashes)
+        .annotate(rank=newest)
+        .filter(rank=1)
+        .order_by("key_hash")
+        .values_list("key_value", "group_name", "status_code")
+    )
+    return hashes[-1], [tuple(str(v) for v in row) for row in latest]
+
+
+def csv_text(rows: Iterable[Iterable[str]]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+def export_chunks(rows: QuerySet[RequestLog]) -> Iterator[str]:
+    reveal = KeyReveal(current_cipher())
+    yield csv_text([("key_value", "group_name", "status_code")])
+    after = ""
+    while True:
+        after, batch = latest_per_key(rows, after)
+        if not batch:
+            return
+        yield csv_text((reveal(key), group, status) for key, group, status in batch)
+
+
+async def export_chunks_async(rows: QuerySet[RequestLog]) -> AsyncIterator[str]:
+    # Under ASGI, Django would buffer a sync iterator whole; each batch hops to a thread.
+    reveal = KeyReveal(current_cipher())
+    yield csv_text([("key_value", "group_name", "status_code")])
+    after = ""
+    while True:
+        after, batch = await sync_to_async(latest_per_key)(rows, after)
+        if not batch:
+            return
+        yield csv_text((reveal(key), group, status) for key, group, status in batch)
+
+
+CSV_DOC = {"description": "CSV with the columns key_value, group_name, status_code.",
+           "content": {"text/csv": {"schema": {"type": "string"}}}}  # fmt: skip
+
+
+@router.get("/logs/export", openapi_extra={"responses": {200: CSV_DOC}})
+def export_log_keys(request: HttpRequest, filters: Query[LogFilters]) -> StreamingHttpResponse:
+    """The distinct upstream keys of the filtered logs as CSV (`key_value, group_name,
+    status_code`), each with its newest matching log row, e.g. to export the keys that
+    produced 401s. Streamed as `log_keys_export_{yyyymmddhhmmss}.csv`."""
+    rows = filtered_logs(filters)
+    chunks = export_chunks_async(rows) if isinstance(request, ASGIRequest) else export_chunks(rows)
+    stamp = timezone.localtime().strftime("%Y%m%d%H%M%S")
+    return StreamingHttpResponse(chunks, content_type="text/csv; charset=utf-8", headers={
+        "Content-Disposition": f'attachment; filename="log_keys_export_{stamp}.csv"',
+        "Cache-Control": "no-store",
+    })  # fmt: skip
+
+
+# --- dashboard --------------------------------------------------------------------------
+
+
+class StatCard(Schema):
+    value: float
+    sub_value: int | None = None
+    sub_value_tip: str | None = None
+    trend: float = Field(0.0, description="Change vs the previous period, in %.")
+    trend_is_growth: bool = Field(True, description="Whether the change is good news.")
+
+
+class KeyCard(StatCard):
+    invalid: int
+    cooling: int
+    disabled: int
+
+
+class TokenCard(StatCard):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class SecurityWarning(Schema):
+    type: str = Field(description="The secret concerned, by name (never its value).")
+    message: str
+    severity: Literal["high", "medium", "low"]
+    suggestion: str
+
+
+class DashboardStats(Schema):
+    key_count: KeyCard
+    rpm: StatCard
+    request_count: StatCard
+    error_rate: StatCard = Field(description="Failures in % of requests; trend in points.")
+    token_count: TokenCard
+    security_warnings: list[SecurityWarning]
+
+
+def change(current: float, previous: float) -> tuple[float, bool]:
+    """GPT-Load's trend: % change, 100 when there was nothing before, 0 when nothing at all."""
+    if previous > 0:
+        trend = (current - previous) / previous * 100
+        return round(trend, 2), trend >= 0
+    return (100.0, True) if current > 0 else (0.0, True)
+
+
+def standard_groups_only(stats: QuerySet[HourlyStat]) -> QuerySet[HourlyStat]:
+    """Without the rows of aggregate groups: their traffic is already in their members'."""
+    aggregates = Group.objects.filter(group_type=GroupType.AGGREGATE).values("id")
+    return stats.exclude(group_id__in=aggregates)
+
+
+def current_hour() -> datetime:
+    return timezone.now().replace(minute=0, second=0, microsecond=0)
+
+
+def key_card() -> dict[str, Any]:
+    by_status = APIKey.objects.order_by().values("status").annotate(n=Count("id"))
+    counts = {row["status"]: row["n"] for row in by_status}
+    invalid = counts.get(KeyStatus.INVALID, 0)
+    return {"value": counts.get(KeyStatus.ACTIVE, 0), "sub_value": invalid,
+            "sub_value_tip": "invalid keys", "invalid": invalid,
+            "cooling": counts.get(KeyStatus.COOLING, 0),
+            "disabled": counts.get(KeyStatus.DISABLED, 0)}  # fmt: skip
+
+
+def rpm_card() -> dict[str, Any]:
+    now = timezone.now()
+    recent = RequestLog.objects.filter(
+        request_type=RequestType.FINAL, timestamp__gte=now - timedelta(minutes=20)
+    ).aggregate(
+        current=Count("id", filter=Q(timestamp__gte=now - timedelta(minutes=10))),
+        previous=Count("id", filter=Q(timestamp__lt=now - timedelta(minutes=10))),
+    )
+    rpm, before = recent["current"] / 10, recent["previous"] / 10
+    trend, good = change(rpm, before)
+    return {"value": rpm, "trend": trend, "trend_is_growth": good}
+
+
+def day_totals() -> tuple[dict[str, int], dict[str, int]]:
+    """Sums over the 24 hourly buckets up to the current one and the 24 before them."""
+    this_hour = current_hour()
+    start, boundary = this_hour - timedelta(hours=47), this_hour - timedelta(hours=23)
+    stats = HourlyStat.objects.filter(time__gte=start, time__lt=this_hour + timedelta(hours=1))
+    stats = standard_groups_only(stats)
+    fields = (
+        "success_count",
+        "failure_count",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+    )
+    sums = stats.aggregate(
+        **{f"now_{f}": Sum(f, filter=Q(time__gte=boundary)) for f in fields},
+        **{f"before_{f}": Sum(f, filter=Q(time__lt=boundary)) for f in fields},
+    )
+    now = {f: int(sums[f"now_{f}"] or 0) for f in fields}
+    before = {f: int(sums[f"before_{f}"] or 0) for f in fields}
+    return now, before
+
+
+def request_and_error_cards(
+    now: dict[str, int], before: dict[str, int]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    total = now["success_count"] + now["failure_count"]
+    total_before = before["success_count"] + before["failure_count"]
+    trend, good = change(total, total_before)
+    requests = {"value": total, "trend": trend, "trend_is_growth": good}
+    rate = now["failure_count"] / total * 100 if total else 0.0
+    rate_before = before["failure_count"] / total_before * 100 if total_before else 0.0
+    # With nothing to compare with, the trend is the rate itself (as GPT-Load shows it).
+    points = rate - rate_before if total_before else rate
+    errors = {"value": round(rate, 2), "trend": round(points, 2), "trend_is_growth": points <= 0}
+    return requests, errors
+
+
+def token_card(now: dict[str, int], before: dict[str, int]) -> dict[str, Any]:
+    trend, good = change(now["total_tokens"], before["total_tokens"])
+    return {"value": now["total_tokens"], "trend": trend, "trend_is_growth": good,
+            "prompt_tokens": now["prompt_tokens"],
+            "completion_tokens": now["completion_tokens"]}  # fmt: skip
+
+
+STRONG_ADVICE = "Use a random string of 32 or more characters (e.g. `openssl rand -hex 32`)."
+
+
+def secret_warnings(name: str, secret: str) -> list[dict[str, str]]:
+    """Warnings about one configured secret, naming it by `name` and never quoting it."""
+    reason = weakness(secret)
+    if reason:
+        return [{"type": name, "message": f"{name} is weak: {reason}.", "severity": "high",
+                 "suggestion": STRONG_ADVICE}]  # fmt: skip
+    if len(secret) < 32:
+        return [{"type": name, "severity": "medium", "suggestion": STRONG_ADVICE,
+                 "message": f"{name} has {len(secret)} characters; 32 or more are recommended."}]  # fmt: skip
+    return []
+
+
+def security_warnings() -> list[dict[str, str]]:
+    warnings = secret_warnings("AUTH_KEY", settings.AUTH_KEY)
+    if settings.ENCRYPTION_KEY:
+        warnings += secret_warnings("ENCRYPTION_KEY", settings.ENCRYPTION_KEY)
+    else:
+        warnings.append({"type": "ENCRYPTION_KEY", "severity": "high",
+                         "message": "ENCRYPTION_KEY is not set: upstream keys are stored in "
+                                    "plaintext in the database.",
+                         "suggestion": "Set ENCRYPTION_KEY to a random string of 32 or more "
+                                       "characters before importing keys; keys already stored "
+                                       "must then be re-encrypted."})  # fmt: skip
+    global_keys = str(SystemSetting.objects.effective()["proxy_keys"]).split(",")
+    for number, key in enumerate((k for k in global_keys if k), start=1):
+        warnings += proxy_key_warnings(f"Global proxy key #{number}", key)
+    for group in Group.objects.exclude(proxy_keys="").order_by("sort", "id"):
+        for number, key in enumerate(group.proxy_key_list, start=1):
+            warnings += proxy_key_warnings(f"Proxy key #{number} of group {group.name}", key)
+    return warnings
+
+
+def proxy_key_warnings(name: str, key: str) -> list[dict[str, str]]:
+    warnings = secret_warnings(name, key)
+    if constant_time_in(key, (settings.AUTH_KEY,)):
+        warnings.append({"type": name, "severity": "high",
+                         "message": f"{name} is the same as AUTH_KEY: a client that may use "
+                                    "the proxy with it can also use the admin API.",
+                         "suggestion": "Give clients their own proxy keys and keep AUTH_KEY "
+                                       "for administrators."})  # fmt: skip
+    return warnings
+
+
+@router.get("/dashboard/stats", tags=["dashboard"], response=Envelope[DashboardStats])
+def dashboard_stats(request: HttpRequest) -> dict[str, Any]:
+    """The dashboard cards: keys by state, requests per minute (last 10 minutes of final
+    attempts vs the 10 before), requests, error rate and tokens over the last 24 hours vs
+    the 24 before (standard groups only, so that aggregate traffic is not counted twice),
+    and warnings about weak or missing secrets."""
+    now, before = day_totals()
+    requests, errors = request_and_error_cards(now, before)
+    return ok({"key_count": key_card(), "rpm": rpm_card(), "request_count": requests,
+               "error_rate": errors, "token_count": token_card(now, before),
+               "security_warnings": security_warnings()})  # fmt: skip
+
+
+class ChartSeries(Schema):
+    label: str
+    data: list[int]
+    color: str
+
+
+class Chart(Schema):
+    labels: list[str] = Field(description="Start of each hour, UTC, RFC 3339.")
+    datasets: list[ChartSeries]
+
+
+class ChartQuery(Schema):
+    group_id: int | None = Field(None, alias="groupId", description="One group; else all.")
+
+    @field_validator("group_id", mode="before")
+    @classmethod
+    def blank_is_absent(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+@router.get("/dashboard/chart", tags=["dashboard"], response=Envelope[Chart])
+def dashboard_chart(request: HttpRequest, query: Query[ChartQuery]) -> dict[str, Any]:
+    """Successful and failed requests per hour over the last 24 hours (the current hour
+    last), for one group (`groupId`, aggregates included) or for all standard groups."""
+    first = current_hour() - timedelta(hours=23)
+    stats = HourlyStat.objects.filter(time__gte=first, time__lt=first + timedelta(hours=24))
+    group_id = query.group_id
+    if group_id is not None:
+        if not Group.objects.filter(pk=group_id).exists():
+            raise not_found(f"group {group_id}")
+        stats = stats.filter(group_id=group_id)
+    else:
+        stats = standard_groups_only(stats)
+    per_hour = {
+        row["time"]: row
+        for row in stats.order_by()
+        .values("time")
+        .annotate(ok=Sum("success_count"), failed=Sum("failure_count"))
+    }
+    hours = [first + timedelta(hours=i) for i in range(24)]
+    series = [per_hour.get(h, {}) for h in hours]
+    return ok({
+        "labels": [h.strftime("%Y-%m-%dT%H:%M:%SZ") for h in hours],
+        "datasets": [
+            {"label": "Successful requests", "color": "rgba(10, 200, 110, 1)",
+             "data": [int(s.get("ok") or 0) for s in series]},
+            {"label": "Failed requests", "color": "rgba(255, 70, 70, 1)",
+             "data": [int(s.get("failed") or 0) for s in series]},
+        ],
+    })  # fmt: skip
+
+
+class EncryptionStatus(Schema):
+    has_mismatch: bool
+    scenario_type: Literal["", "data_not_encrypted", "key_not_configured", "key_mismatch"]
+    message: str
+    suggestion: str
+
+
+SAMPLE_SIZE = 20
+MISMATCHES = {
+    "data_not_encrypted": (
+        "ENCRYPTION_KEY is set, but the stored keys are plaintext.",
+        "Encrypt the stored keys with this ENCRYPTION_KEY, or unset ENCRYPTION_KEY.",
+    ),
+    "key_not_configured": (
+        "The stored keys are encrypted, but ENCRYPTION_KEY is not set: they cannot be used.",
+        "Set ENCRYPTION_KEY to the key the data was encrypted with and restart.",
+    ),
+    "key_mismatch": (
+        "The stored keys are encrypted with another ENCRYPTION_KEY than the one configured.",
+        "Set ENCRYPTION_KEY back to the key the data was encrypted with and restart.",
+    ),
+}
+
+
+def encryption_mismatch() -> str:
+    """The mismatch between ENCRYPTION_KEY and the stored keys, judged on a sample; ""."""
+    sample = list(
+        APIKey.objects.exclude(key_hash="")
+        .order_by("-id")
+        .values_list("key_value", "key_hash")[:SAMPLE_SIZE]
+    )
+    if not sample:
+        return ""
+    plain = Cipher("")
+    plain_share = sum(plain.hash(value) == digest for value, digest in sample) / len(sample)
+    cipher = current_cipher()
+    if not cipher.enabled:
+        return "key_not_configured" if plain_share < 0.2 else ""
+    if plain_share > 0.8:
+        return "data_not_encrypted"
+    readable = 0
+    for value, digest in sample:
+        with contextlib.suppress(DecryptionError):
+            readable += cipher.hash(cipher.decrypt(value)) == digest
+    return "key_mismatch" if plain_share < 0.2 and readable / len(sample) < 0.2 else ""
+
+
+@router.get("/dashboard/encryption-status", tags=["dashboard"], response=Envelope[EncryptionStatus])
+def encryption_status(request: HttpRequest) -> dict[str, Any]:
+    """Whether ENCRYPTION_KEY fits the stored keys, judged on the 20 newest: set but the
+    data is plaintext, unset but the data is encrypted, or set to another key."""
+    scenario = encryption_mismatch()
+    message, suggestion = MISMATCHES.get(scenario, ("", ""))
+    return ok({"has_mismatch": bool(scenario), "scenario_type": scenario,
+               "message": message, "suggestion": suggestion})  # fmt: skip

@@ -8,21 +8,18 @@ pending key-state changes in one batch, and swaps in a fresh snapshot when neede
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
-import os
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 import httpx
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections, transaction
-from httpx_aiohttp import AiohttpTransport
 
+from gptload.lib.upstream import upstream_client
 from gptload.lifespan import Service, register
 from keys.models import APIKey, KeyStatus
 from proxy.recorder import recorder
@@ -84,12 +81,21 @@ class Runtime:
         self._generation += 1
 
     def http(self, config: Mapping[str, Any]) -> httpx.AsyncClient:
-        """The upstream client for a group's effective settings, shared by equal ones."""
+        """The upstream client for a group's effective settings, shared by equal ones.
+
+        Connection slots never fall below `MAX_CONCURRENT_REQUESTS`, so that the gateway
+        never queues behind its own pool; `max_idle_conns*` can raise them, not lower them.
+        """
         fingerprint = (str(config["proxy_url"]), int(config["max_idle_conns"]),
                        int(config["max_idle_conns_per_host"]), int(config["idle_conn_timeout"]))  # fmt: skip
         client = self.clients.get(fingerprint)
         if client is None:
-            client = self.clients[fingerprint] = upstream_client(*fingerprint)
+            proxy_url, max_idle, max_idle_per_host, idle_timeout = fingerprint
+            floor = settings.MAX_CONCURRENT_REQUESTS
+            client = self.clients[fingerprint] = upstream_client(
+                proxy_url, limit=max(max_idle, floor), per_host=max(max_idle_per_host, floor),
+                idle_timeout=idle_timeout,
+            )  # fmt: skip
         return client
 
     def key_changed(self, key: KeyEntry, error: str = "") -> None:
@@ -172,58 +178,6 @@ class Runtime:
             await self.shared.close()
         self.clients, self.snapshot, self._ready, self._task = {}, None, None, None
         self._listener, self.shared = None, None
-
-
-def upstream_client(
-    proxy_url: str, max_idle: int, max_idle_per_host: int, idle_timeout: int
-) -> httpx.AsyncClient:
-    """httpx on aiohttp (PERFORMANCE.md §1): keep-alive, no redirects, bytes undecoded.
-
-    Connection slots never fall below `MAX_CONCURRENT_REQUESTS`, so that the gateway
-    never queues behind its own pool; `max_idle_conns*` can raise them, not lower them.
-    Without a `proxy_url`, the standard HTTP(S)_PROXY variables apply when set.
-    """
-    floor = settings.MAX_CONCURRENT_REQUESTS
-    limit, per_host = max(max_idle, floor), max(max_idle_per_host, floor)
-    proxy = None
-    connector: aiohttp.BaseConnector
-    if proxy_url.startswith("socks"):
-        from aiohttp_socks import ProxyConnector
-
-        remote_dns = proxy_url.startswith("socks5h")
-        url = "socks5" + proxy_url.removeprefix("socks5h").removeprefix("socks5")
-        connector = ProxyConnector.from_url(
-            url, rdns=remote_dns, limit=limit, limit_per_host=per_host,
-            keepalive_timeout=idle_timeout,
-        )  # fmt: skip
-    else:
-        connector = aiohttp.TCPConnector(
-            limit=limit, limit_per_host=per_host, keepalive_timeout=idle_timeout
-        )
-        proxy = outbound_proxy(proxy_url) if proxy_url else None
-    session = aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,
-        skip_auto_headers=("User-Agent",),
-        trust_env=not proxy_url and any(os.environ.get(v) for v in PROXY_VARIABLES),
-    )
-    limits = httpx.Limits(max_connections=limit, keepalive_expiry=idle_timeout)
-    transport = AiohttpTransport(client=session, limits=limits, proxy=proxy)
-    return httpx.AsyncClient(transport=transport, follow_redirects=False)
-
-
-def outbound_proxy(url: str) -> httpx.Proxy:
-    """An http(s) proxy, its credentials as a header (aiohttp deprecates BasicAuth).
-
-    aiohttp moves an `Authorization` among the proxy headers to `Proxy-Authorization`, on
-    the request itself for plain HTTP and on the CONNECT for HTTPS, never to the origin.
-    """
-    parsed = httpx.URL(url)
-    if not (parsed.username or parsed.password):
-        return httpx.Proxy(url)
-    token = base64.b64encode(f"{parsed.username}:{parsed.password}".encode()).decode()
-    return httpx.Proxy(parsed.copy_with(username=None, password=None),
-                       headers={"Authorization": f"Basic {token}"})  # fmt: skip
 
 
 def _read_version() -> int:

@@ -1,5 +1,136 @@
+"""`/api/settings`: the system settings by category, and their partial update (§5.4).
+
+Values are checked against the registry before anything is stored, and stored all
+together or not at all; each changed row is saved through the ORM so that the config
+version moves and every process picks the new values up.
+"""
+
 from __future__ import annotations
 
-from ninja import Router
+import logging
+from typing import Any, Literal
 
-router = Router()
+from django.db import transaction
+from django.http import HttpRequest
+from ninja import Body, Router, Schema
+
+from gptload.api import ApiError, Envelope, ok
+from settings_app import registry
+from settings_app.models import SystemSetting
+from settings_app.registry import Setting, SettingError
+
+log = logging.getLogger("gptload.api")
+router = Router(tags=["settings"])
+TYPE_NAMES: dict[type, Literal["int", "bool", "string"]] = {
+    int: "int",
+    bool: "bool",
+    str: "string",
+}
+
+
+class SettingOut(Schema):
+    key: str
+    name: str
+    value: bool | int | str
+    type: Literal["int", "bool", "string"]
+    default_value: bool | int | str
+    description: str
+    category: str
+    min_value: int | None = None
+    required: bool
+
+
+class CategoryOut(Schema):
+    category_name: str
+    settings: list[SettingOut]
+
+
+def stored_values() -> dict[str, Any]:
+    """The stored system values, typed; a row that no longer parses is shown as its default."""
+    values: dict[str, Any] = {}
+    for key, raw in SystemSetting.objects.values_list("setting_key", "setting_value"):
+        if key not in registry.REGISTRY:
+            continue
+        try:
+            values[key] = registry.REGISTRY[key].parse(raw)
+        except SettingError as exc:
+            log.warning("stored setting is unusable, showing its default: %s", exc)
+    return values
+
+
+def categories() -> list[dict[str, Any]]:
+    values = registry.effective(None, stored_values())
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for setting in registry.SETTINGS:
+        grouped.setdefault(setting.category, []).append({
+            "key": setting.key, "name": setting.name, "value": values[setting.key],
+            "type": TYPE_NAMES[setting.kind], "default_value": setting.default_value(),
+            "description": setting.description, "category": setting.category,
+            "min_value": setting.minimum, "required": setting.required,
+        })  # fmt: skip
+    return [{"category_name": name, "settings": items} for name, items in grouped.items()]
+
+
+@router.get("", response=Envelope[list[CategoryOut]])
+def list_settings(request: HttpRequest) -> dict[str, Any]:
+    """Every system setting with its value in force, default, type and bounds, by
+    category. `proxy_keys` is shown in full: the admin manages it here."""
+    return ok(categories())
+
+
+def typed(setting: Setting, raw: Any) -> Any:
+    """`raw` as JSON gave it, checked for the setting's type, then parsed by the registry.
+
+    Stricter than the registry (which also reads stored text): `"5"` is not a number and
+    `1` is not a boolean here, as in GPT-Load.
+    """
+    if setting.kind is int and (
+        isinstance(raw, bool)
+        or not isinstance(raw, int | float)
+        or (isinstance(raw, float) and not raw.is_integer())
+    ):
+        raise SettingError(f"{setting.key}: expected a whole number, got {raw!r}")
+    if setting.kind is bool and not isinstance(raw, bool):
+        raise SettingError(f"{setting.key}: expected true or false, got {raw!r}")
+    if setting.kind is str and not isinstance(raw, str):
+        raise SettingError(f"{setting.key}: expected text, got {raw!r}")
+    return setting.parse(raw)
+
+
+def validated(changes: dict[str, Any]) -> dict[str, str]:
+    """Each changed setting's stored text; raises `ApiError` naming every bad entry."""
+    problems, texts = [], {}
+    for key, raw in changes.items():
+        setting = registry.REGISTRY.get(key)
+        if setting is None:
+            problems.append(f"unknown setting {key!r}")
+            continue
+        try:
+            texts[key] = setting.serialize(typed(setting, raw))
+        except SettingError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ApiError(400, "VALIDATION_FAILED", "; ".join(problems))
+    return texts
+
+
+@transaction.atomic
+def store(texts: dict[str, str]) -> None:
+    rows = SystemSetting.objects.select_for_update().filter(setting_key__in=list(texts))
+    existing = {row.setting_key: row for row in rows}
+    for key, text in texts.items():
+        row = existing.get(key) or SystemSetting(
+            setting_key=key, description=registry.REGISTRY[key].description
+        )
+        if row.pk is None or row.setting_value != text:
+            row.setting_value = text
+            row.save()
+
+
+@router.put("", response=Envelope[list[CategoryOut]])
+def update_settings(request: HttpRequest, changes: Body[dict[str, Any]]) -> dict[str, Any]:
+    """Changes some settings: a JSON object `{key: value}` of the ones to change. Every
+    value is checked (type, minimum, required, format) before any is stored, and they are
+    stored together or not at all. Answers with every setting, as `GET` does."""
+    store(validated(changes))
+    return ok(categories())

@@ -18,6 +18,7 @@ from keys.models import APIKey, Group, GroupSubGroup, GroupType, KeyStatus
 from logs.models import RequestLog
 from proxy.tests.conftest import PROXY_KEY, proxy_url, wait_until
 from tests.fakeprovider import OPENAI_MODELS, Behaviour, full_text
+from tests.forwardproxy import ForwardProxy
 
 pytestmark = pytest.mark.django_db(transaction=True)
 AUTH = {"Authorization": f"Bearer {PROXY_KEY}"}
@@ -243,3 +244,18 @@ def test_large_request_bodies_are_forwarded_whole(gateway, provider, make_group)
     answer = client(gateway).chat.completions.create(model="m", messages=messages)
     assert answer.choices[0].message.content == full_text()
     assert len(provider.requests[0].body) > 6 << 20
+
+
+@pytest.mark.parametrize("scheme", ["http", "socks5", "socks5h"])
+def test_upstream_calls_go_through_the_groups_proxy_url(gateway, provider, make_group, scheme):
+    with ForwardProxy(username="relay", password="pw-relay-0123") as relay:
+        url = relay.http_url if scheme == "http" else relay.socks_url.replace("socks5", scheme, 1)
+        upstream = provider.url.replace("127.0.0.1", "localhost") if scheme == "socks5h" else None
+        make_group(keys=("k1",), config={"proxy_url": url},
+                   **({"upstreams": [{"url": upstream, "weight": 1}]} if upstream else {}))  # fmt: skip
+        answer = client(gateway).chat.completions.create(**CHAT)
+        assert answer.choices[0].message.content == full_text()
+        assert relay.hits
+        assert relay.hits[0][0] == ("http" if scheme == "http" else "socks5")
+        assert provider.requests[0].key == "k1"
+        assert "Proxy-Authorization" not in provider.requests[0].headers
