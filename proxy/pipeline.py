@@ -370,7 +370,9 @@ async def forward(call: Call) -> HttpResponseBase:
             note_success(key)
         if modellist.is_model_list(call.method, target.path) and (group.redirects or group.strict):
             return await model_list(call, target, key, response, url)
-        return relay(call, target, key, response, url)
+        if target.stream or "text/event-stream" in response.headers.get("content-type", ""):
+            return relay(call, target, key, response, url)
+        return await answer(call, target, key, response, url)
     if last is not None:
         last.record(call, final=True)
         return last.response
@@ -444,6 +446,38 @@ def apply_header_rules(outbound: Outbound, group: GroupView, key: KeyEntry, clie
         for var, replacement in variables.items():
             value = value.replace(var, replacement)
         outbound.headers[name] = value
+
+
+async def answer(
+    call: Call, target: Target, key: KeyEntry, upstream: httpx.Response, url: str
+) -> HttpResponseBase:
+    """A plain (non-stream) answer: read whole, then sent with its length in one piece.
+
+    Cheaper than relaying it chunk by chunk, and the client loses nothing: it could not
+    use a JSON body before its last byte anyway.
+    """
+    try:
+        body = await upstream.aread()
+    except httpx.HTTPError as exc:  # the upstream broke off mid-body
+        error = f"upstream broke off: {type(exc).__name__}: {mask_in(str(exc), key.secret)}"
+        note_failure(target.group, key, error)
+        call.record(target, key, 502, final=True, error=error, upstream=url)
+        raise ProxyError(502, error, "upstream_error") from None
+    except asyncio.CancelledError:
+        call.record(target, key, 499, final=True, error="client disconnected", upstream=url)
+        raise
+    finally:
+        await upstream.aclose()
+    tap = UsageTap(target.group.provider, False, upstream.headers.get("content-encoding", ""),
+                   strip=False)  # fmt: skip
+    tap.feed(body)
+    tap.finish()
+    error = parse_error_message(body) if upstream.status_code >= 400 else ""
+    call.record(target, key, upstream.status_code, final=True, error=error, upstream=url,
+                usage=tap.usage)  # fmt: skip
+    response = buffered(upstream, body)
+    response["content-length"] = str(len(body))
+    return response
 
 
 def relay(

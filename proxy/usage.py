@@ -21,6 +21,8 @@ WHOLE_BODY_LIMIT = 1 << 20
 TAIL = 64 << 10
 EVENT_END = re.compile(rb"\r?\n\r?\n")
 USAGE_FIELDS = (b'"usageMetadata"', b'"usage"')
+# A usage object, not OpenAI's `"usage":null` that every chunk carries once it is asked for.
+HAS_USAGE = re.compile(rb'"usage(?:Metadata)?"\s*:\s*\{')
 _decoder = json.JSONDecoder()
 
 
@@ -95,7 +97,7 @@ class UsageTap:
             data = b"".join(
                 line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")
             )
-            if b"sage" in data:
+            if HAS_USAGE.search(data):
                 try:
                     payload = orjson.loads(data)
                 except orjson.JSONDecodeError:
