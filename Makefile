@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 TEST_DATABASE_DSN ?= mysql://root@127.0.0.1:3306/gptload
 TEST_REDIS_DSN ?= redis://127.0.0.1:6379/14
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: run test test-sqlite test-mysql lint format lock bench migrate clean system-deps
 
@@ -35,8 +36,9 @@ format: $(VENV)/.installed-dev
 migrate: $(VENV)/.installed
 	$(PY) manage.py migrate
 
+# Direct vs proxied req/s, added latency and worker RSS (bench/README.md); BENCH_ARGS=--quick for a smoke run.
 bench: $(VENV)/.installed-dev
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 # Re-pin every dependency (transitive ones too) after editing requirements*.in.
 lock: $(VENV)/.installed-dev

@@ -10,7 +10,7 @@ directory, drives both with wrk, and prints a table against the targets:
 On a machine with two or more CPUs the gateway is pinned to the first one and the upstream
 and wrk to the others (taskset), so the proxied figures are "per core".
 
-  python bench/run.py            full run (~10 s per scenario + the RSS run, about 5 min)
+  python bench/run.py            full run (~10 s per scenario + the RSS run, about 4 min)
   python bench/run.py --quick    smoke run (about 40 s)
   python bench/run.py --keep     leave both servers running afterwards, for profiling
 """
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import secrets
 import shutil
 import signal
@@ -51,6 +52,8 @@ PLAIN_BODY = {
 }
 STREAM_BODY = {**PLAIN_BODY, "stream": True, "stream_options": {"include_usage": True}}
 MIB = 1024 * 1024
+# Other processes using more than this (in cores) during a wrk run make its figures suspect.
+NOISE_LIMIT_CORES = 0.1
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,7 @@ class WrkRun:
     raw_max_ms: float | None = None
     raw_mean_ms: float | None = None
     gateway_cpu_ms_per_request: float | None = None
+    other_cpu_cores: float | None = None  # CPU that processes outside the benchmark used
 
 
 @dataclass
@@ -187,8 +191,9 @@ class Endpoint:
 class Load:
     """Runs wrk (bench/wrk.lua) against an endpoint, pinned to the load CPU, and parses it."""
 
-    def __init__(self, wrk: str, pin: list[str], gateway: Gateway) -> None:
-        self.wrk, self.pin, self.gateway = wrk, pin, gateway
+    def __init__(self, wrk: str, pin: list[str], gateway: Gateway, meter: CpuMeter) -> None:
+        self.wrk, self.pin, self.gateway, self.meter = wrk, pin, gateway, meter
+        self.history: list[WrkRun] = []
 
     def run(self, endpoint: Endpoint, stream: bool, connections: int, seconds: float) -> WrkRun:
         timed = connections == 1
@@ -201,14 +206,49 @@ class Load:
         command = [*self.pin, self.wrk, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s",
                    "--timeout", "10s", "-s", str(WRK_SCRIPT), endpoint.url]  # fmt: skip
         proxied = endpoint.name == "proxied"
-        cpu_before = self.gateway.cpu_seconds() if proxied else 0.0
+        cpu_before, machine_before = self.gateway.cpu_seconds(), self.meter.read()
         out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         cpu_used = self.gateway.cpu_seconds() - cpu_before if proxied else None
+        other = self.meter.other_cores(machine_before, self.meter.read())
         line = next((x for x in out.stdout.splitlines() if x.startswith("BENCH_JSON ")), None)
         if out.returncode != 0 or line is None:
             die(f"wrk failed ({out.returncode}): {out.stderr.strip() or out.stdout.strip()}")
-        return parse_wrk(json.loads(line.removeprefix("BENCH_JSON ")), endpoint.name,
-                         connections, cpu_used)  # fmt: skip
+        run = parse_wrk(json.loads(line.removeprefix("BENCH_JSON ")), endpoint.name,
+                        connections, cpu_used)  # fmt: skip
+        run.other_cpu_cores = round(other, 3)
+        self.history.append(run)
+        return run
+
+
+@dataclass(frozen=True)
+class CpuReading:
+    wall: float
+    busy: float  # user + nice + system of every CPU, seconds
+    ours: float  # of the servers, wrk and this process, seconds
+
+
+class CpuMeter:
+    """How much CPU processes other than the benchmark's took: a busy machine skews it all."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def read(self) -> CpuReading:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        busy = sum(int(x) for x in fields[1:4]) / self.tick
+        ours = sum(process_cpu_seconds(pid) for root in self.pids
+                   for pid in [root, *descendants(root)])  # fmt: skip
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+            usage = resource.getrusage(who)
+            ours += usage.ru_utime + usage.ru_stime
+        return CpuReading(time.monotonic(), busy, ours)
+
+    @staticmethod
+    def other_cores(before: CpuReading, after: CpuReading) -> float:
+        wall = after.wall - before.wall
+        other = (after.busy - before.busy) - (after.ours - before.ours)
+        return max(0.0, other / wall) if wall > 0 else 0.0
 
 
 def parse_wrk(
@@ -297,13 +337,16 @@ class Gateway:
         return max(status_kib(pid, "VmHWM") for pid in self.worker_pids()) / 1024
 
     def cpu_seconds(self) -> float:
-        ticks = os.sysconf("SC_CLK_TCK")
-        total = 0
-        for pid in self.worker_pids():
-            with suppress(OSError):
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])  # utime, stime
-        return total / ticks
+        return sum(process_cpu_seconds(pid) for pid in self.worker_pids())
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def descendants(root: int) -> list[int]:
@@ -383,21 +426,22 @@ class World:
 
 
 def gateway_env(tmp: Path, port: int, auth_key: str) -> dict[str, str]:
+    """The gateway's environment; also written to <tmp>/gateway.env for a manual restart."""
+    forced = {
+        "DATABASE_DSN": f"sqlite:///{tmp / 'bench.db'}",
+        "REDIS_DSN": "",  # set empty, so that a .env file cannot bring Redis in
+        "AUTH_KEY": auth_key,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "WEB_CONCURRENCY": "1",
+        "IS_SLAVE": "false",
+        "DJANGO_DEBUG": "false",
+    }
+    (tmp / "gateway.env").write_text("".join(f"{k}={v}\n" for k, v in forced.items()))
     env = dict(os.environ)
     for name in ("DJANGO_SETTINGS_MODULE", "LOG_ENABLE_FILE", "STATIC_ROOT"):
         env.pop(name, None)
-    env.update(
-        DATABASE_DSN=f"sqlite:///{tmp / 'bench.db'}",
-        REDIS_DSN="",  # set empty, so that a .env file cannot bring Redis in
-        AUTH_KEY=auth_key,
-        HOST="127.0.0.1",
-        PORT=str(port),
-        WEB_CONCURRENCY="1",
-        IS_SLAVE="false",
-        DJANGO_DEBUG="false",
-        PYTHONDONTWRITEBYTECODE="1",
-    )
-    return env
+    return {**env, **forced}
 
 
 def run_checked(command: list[str], env: dict[str, str], cwd: Path, what: str) -> str:
@@ -470,6 +514,7 @@ class Results:
     latency: dict[str, dict[str, Any]] = field(default_factory=dict)
     throughput: dict[str, dict[str, Any]] = field(default_factory=dict)
     rss: dict[str, Any] = field(default_factory=dict)
+    other_cpu: dict[str, Any] = field(default_factory=dict)
 
 
 def latency(
@@ -554,7 +599,8 @@ def measure(world: World, wrk: str, pinning: Pinning, plan: Plan) -> Results:
                       world.upstream_keys[0], plain_body, stream_body)  # fmt: skip
     proxied = Endpoint("proxied", f"{world.gateway.url}/proxy/{GROUP}/v1/chat/completions",
                        world.proxy_key, plain_body, stream_body)  # fmt: skip
-    load = Load(wrk, pinning.load, world.gateway)
+    meter = CpuMeter([world.gateway.pid, world.upstream_pid])
+    load = Load(wrk, pinning.load, world.gateway, meter)
     results = Results()
 
     say(
@@ -579,6 +625,13 @@ def measure(world: World, wrk: str, pinning: Pinning, plan: Plan) -> Results:
     if plan.rss_requests > 0:
         say(f"RSS run: {plan.rss_requests:,} proxied requests, plain and streaming in turn...")
         results.rss = rss_run(load, world.gateway, proxied, plan, after_warmup)
+    other = [r.other_cpu_cores or 0.0 for r in load.history]
+    results.other_cpu = {
+        "mean_cores": round(statistics.fmean(other), 3),
+        "max_cores": round(max(other), 3),
+        "runs_over_limit": sum(x > NOISE_LIMIT_CORES for x in other),
+        "runs": len(other),
+    }
     return results
 
 
@@ -632,7 +685,7 @@ def build_rows(results: Results, targets: Targets, plan: Plan) -> list[Row]:
         ))  # fmt: skip
         cpu = p.get("gateway_cpu_ms_per_request")
         if cpu:
-            rows.append(Row(f"  gateway CPU per request (ms)", "", f"{cpu:.3f}", "", "", ""))
+            rows.append(Row("  gateway CPU per request (ms)", "", f"{cpu:.3f}", "", "", ""))
     rows.extend(rss_rows(results.rss, targets, plan))
     return rows
 
@@ -779,6 +832,11 @@ def main(argv: list[str] | None = None) -> int:
     world: World | None = None
     finished = False
     say(f"gptload bench ({'quick' if args.quick else 'full'}): {pinning.description}")
+    idle_check = CpuMeter([])
+    before = idle_check.read()
+    time.sleep(1)
+    if (busy := idle_check.other_cores(before, idle_check.read())) > NOISE_LIMIT_CORES:
+        say(f"note: other processes are using {busy:.2f} cores right now; results will suffer")
     try:
         with sigterm_as_interrupt():
             world = set_up(processes, pinning, args.keys, EVENTS)
@@ -818,6 +876,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{pinning.description}; one web worker; wrk -t1, POST {len(json.dumps(PLAIN_BODY))}-byte body."
     )
     say(f"results: {path}")
+    noise = results.other_cpu
+    if noise["runs_over_limit"]:
+        say(f"WARNING: other processes used up to {noise['max_cores']:.2f} cores (mean "
+            f"{noise['mean_cores']:.2f}) during {noise['runs_over_limit']} of {noise['runs']} "
+            "wrk runs: the machine was not quiet, so these figures understate the gateway.")  # fmt: skip
     if failed:
         say(f"missed: {'; '.join(failed)}")
     return 1 if failed and args.strict else 0
@@ -833,7 +896,10 @@ def keep_message(world: World, processes: Processes) -> str:
         f"  curl -s {world.gateway.url}/proxy/{GROUP}/v1/chat/completions "
         f"-H 'Authorization: Bearer {world.proxy_key}' -H 'Content-Type: application/json' "
         f"-d '{json.dumps(PLAIN_BODY)}'\n"
-        f"  wrk scripts: {world.tmp}/*.lua\n"
+        f"  load: BENCH_BODY={world.tmp}/plain.json BENCH_KEY={world.proxy_key} "
+        f"wrk -t1 -c32 -d10s -s {WRK_SCRIPT} {world.gateway.url}/proxy/{GROUP}/v1/chat/completions\n"
+        f"  gateway environment: {world.tmp}/gateway.env (cd {world.tmp} && "
+        f"env $(cat gateway.env) {sys.executable} {ROOT}/manage.py serve)\n"
         f"  stop them: kill {pids}"
     )
 
