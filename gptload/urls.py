@@ -19,6 +19,7 @@ admin.site.index_title = "Gateway administration"
 api.add_router("", api_system.router)  # auth, channel types, integration, tasks
 api.add_router("/groups", api_groups.router)
 api.add_router("/keys", api_keys.router)
+api.add_router("/tasks", api_keys.tasks_router)
 api.add_router("", logs_api.router)  # logs and dashboard
 api.add_router("/settings", settings_api.router)
 

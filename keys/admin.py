@@ -5,7 +5,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from gptload.lib.adminsecrets import SecretFieldsForm
-from keys.models import APIKey, Group, GroupSubGroup
+from keys.models import APIKey, Group, GroupSubGroup, KeyJob
 
 
 class GroupForm(SecretFieldsForm):
@@ -68,3 +68,22 @@ class GroupSubGroupAdmin(admin.ModelAdmin):
     list_display = ["group", "sub_group", "weight"]
     list_select_related = ["group", "sub_group"]
     autocomplete_fields = ["group", "sub_group"]
+
+
+@admin.register(KeyJob)
+class KeyJobAdmin(admin.ModelAdmin):
+    """Bulk imports, deletes and validations: read-only; the API and commands start them."""
+
+    list_display = ("id", "kind", "group", "status", "processed", "total", "created_at",
+                    "finished_at")  # fmt: skip
+    list_filter = ("kind", "status")
+    search_fields = ("group__name",)
+    exclude = ("payload",)  # the keys of an import, encrypted: never shown
+    readonly_fields = ("kind", "group", "status", "processed", "total", "params", "result",
+                       "error", "created_at", "updated_at", "started_at", "finished_at")  # fmt: skip
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False

@@ -257,3 +257,54 @@ class APIKey(models.Model):
         self.status_changed_at = timezone.now()
         if error:
             self.last_error = error
+
+
+class JobKind(models.TextChoices):
+    IMPORT = "import", "Import keys"
+    DELETE = "delete", "Delete keys"
+    VALIDATE = "validate", "Validate keys"
+
+
+class JobStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+
+
+class KeyJob(models.Model):
+    """A bulk key operation (import, delete, validate) run by a Celery worker or a command.
+
+    Its row is the job's whole state, so progress survives a web restart and every node
+    sees it. See `keys.jobs` for starting, running and reporting jobs.
+    """
+
+    kind = models.CharField(max_length=16, choices=JobKind.choices)
+    group = models.ForeignKey(Group, on_delete=models.CASCADE, related_name="jobs")
+    status = models.CharField(max_length=16, choices=JobStatus.choices, default=JobStatus.PENDING)
+    # The group's id while the job is unfinished, NULL once it finished. Its unique index
+    # lets one job per group run at a time on every database: MySQL and MariaDB ignore
+    # conditional unique constraints (`… WHERE finished_at IS NULL`), NULLs never clash.
+    running_group_id = models.PositiveBigIntegerField(null=True, unique=True, editable=False)
+    processed = models.PositiveIntegerField(default=0)
+    total = models.PositiveIntegerField(default=0)
+    params = models.JSONField(default=dict, blank=True, help_text="e.g. the statuses to validate.")
+    payload = models.TextField(
+        blank=True, help_text="The key list (encrypted like keys); emptied when the job ends."
+    )
+    result = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True, help_text="Moves with progress.")
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "key job"
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} #{self.pk} ({self.status})"
+
+    @property
+    def is_running(self) -> bool:
+        return self.finished_at is None

@@ -28,7 +28,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal
 
 from aiohttp import web
@@ -39,6 +38,7 @@ if not __package__:
     # sys.path then, and the answers below are imported as `tests.…` either way.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.background import BackgroundServer
 from tests.fakeprovider_responses import (
     ANTHROPIC_MODELS,
     COMPLETION_TOKENS,
@@ -146,7 +146,7 @@ class Received:
     disconnected: bool = False
 
 
-class FakeProvider:
+class FakeProvider(BackgroundServer):
     """The fake upstream, served from its own thread and event loop.
 
     Use it as a context manager, or `start()` / `stop()`. All methods are thread-safe.
@@ -215,17 +215,6 @@ class FakeProvider:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._thread = None
-
-    def __enter__(self) -> FakeProvider:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _serve(self, ready: threading.Event, failure: list[BaseException]) -> None:
         loop = self._loop

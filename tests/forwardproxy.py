@@ -23,8 +23,9 @@ import ipaddress
 import socket
 import threading
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from urllib.parse import SplitResult, quote, urlsplit
+
+from tests.background import BackgroundServer
 
 __all__ = ["ForwardProxy"]
 
@@ -57,7 +58,7 @@ Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-class ForwardProxy:
+class ForwardProxy(BackgroundServer):
     """An HTTP forward proxy (absolute-form requests and CONNECT) and a SOCKS5 proxy (no auth,
     and username/password auth when given), each on its own loopback port, in a background
     thread with its own asyncio loop.
@@ -107,17 +108,6 @@ class ForwardProxy:
         thread.join()
         loop.close()
         self._loop, self._thread, self._servers = None, None, {}
-
-    def __enter__(self) -> ForwardProxy:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def http_url(self) -> str:

@@ -1,0 +1,355 @@
+"""Bulk key operations: read pasted key text, import, delete, restore, clear and export.
+
+Plain functions shared by the REST API, the Celery jobs and the `manage.py` commands.
+Writes go in batches of `BATCH` rows (an IN list or an id range per statement, never
+one giant statement: MySQL caps placeholders at 65,535 and SQLite at 32,766), each batch
+its own transaction unless the caller holds one. Bulk writes skip the per-row signals,
+so every function that changes keys moves the configuration version once itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+from django.db import connections, transaction
+from django.db.models import Field, QuerySet
+from django.db.models.constants import OnConflict
+from django.utils import timezone
+
+from gptload.lib.crypto import DecryptionError, current_cipher
+from keys.models import APIKey, Group, KeyStatus
+from settings_app.models import ConfigVersion
+
+T = TypeVar("T")
+BATCH = 1000
+MAX_KEY_LENGTH = 1000
+SYNC_LIMIT = 5000  # keys per synchronous call, as GPT-Load
+SEPARATORS = re.compile(r"[\s,;]+")
+EXPORT_STATUSES = ("all", *KeyStatus.values)
+
+Progress = Callable[[int, int], None]
+
+
+class KeyOperationError(ValueError):
+    """A key operation refused as asked; the message says what to change."""
+
+
+class KeyTextError(KeyOperationError):
+    """Key text that cannot be used as it is (nothing was stored)."""
+
+
+def parse_keys(text: str) -> list[str]:
+    """The keys in pasted text or a file, in order, repeats included.
+
+    A JSON array of strings is taken as the list; any other text is split on runs of
+    whitespace, commas and semicolons (a leading UTF-8 BOM is dropped). Raises
+    `KeyTextError` when no key is found, or naming how many keys are refused and why
+    (longer than `MAX_KEY_LENGTH`, control or invisible characters).
+    """
+    text = text.removeprefix("\ufeff")
+    tokens = _json_array(text)
+    if tokens is None:
+        tokens = SEPARATORS.split(text)
+    keys = [token for token in tokens if token]
+    if not keys:
+        raise KeyTextError(
+            "No keys found: send keys separated by new lines, spaces, commas or semicolons, "
+            "or a JSON array of strings."
+        )
+    _refuse_malformed(keys)
+    return keys
+
+
+def _json_array(text: str) -> list[str] | None:
+    if not text.lstrip().startswith("["):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None  # GPT-Load splits what is not a JSON array, brackets and all
+    if not isinstance(value, list):
+        return None
+    if not all(isinstance(item, str) for item in value):
+        raise KeyTextError("The JSON array must hold only strings (one key each).")
+    return [item.strip() for item in value]
+
+
+def _refuse_malformed(keys: Sequence[str]) -> None:
+    too_long = [n for n, key in enumerate(keys, 1) if len(key) > MAX_KEY_LENGTH]
+    unprintable = [n for n, key in enumerate(keys, 1) if _has_control_characters(key)]
+    if not too_long and not unprintable:
+        return
+    reasons = []
+    if too_long:
+        reasons.append(
+            f"{len(too_long)} longer than {MAX_KEY_LENGTH} characters ({_positions(too_long)})"
+        )
+    if unprintable:
+        reasons.append(
+            f"{len(unprintable)} containing control or invisible characters "
+            f"({_positions(unprintable)})"
+        )
+    refused = len(set(too_long) | set(unprintable))
+    raise KeyTextError(
+        f"{refused} of {len(keys)} keys refused: {'; '.join(reasons)}. "
+        "Fix or remove them and send the list again; nothing was stored."
+    )
+
+
+def _has_control_characters(key: str) -> bool:
+    if key.isascii():  # the usual case, 20x faster than looking at each character
+        return not key.isprintable()
+    return any(unicodedata.category(char) in ("Cc", "Cf") for char in key)
+
+
+def _positions(numbers: list[int]) -> str:
+    shown = ", ".join(f"#{n}" for n in numbers[:5])
+    return f"keys {shown}{', …' if len(numbers) > 5 else ''}"
+
+
+def check_sync_limit(keys: Sequence[str], alternative: str) -> None:
+    if len(keys) > SYNC_LIMIT:
+        raise KeyTextError(
+            f"batch size exceeds the limit of {SYNC_LIMIT} keys ({len(keys)} sent): {alternative}"
+        )
+
+
+def ensure_holds_keys(group: Group) -> None:
+    """Raises `KeyOperationError` for an aggregate group, whose keys are its members'."""
+    if group.is_aggregate:
+        raise KeyOperationError(
+            f"{group.name} is an aggregate group: its keys belong to its member groups."
+        )
+
+
+def import_keys(
+    group: Group, keys: Sequence[str], progress: Progress | None = None
+) -> dict[str, int]:
+    """Adds the keys the group does not hold yet (compared by hash), as active keys.
+
+    Returns GPT-Load's `{added_count, ignored_count, total_in_group}`; repeats within
+    `keys` and keys already in the group are ignored. Inserts in batches of `BATCH`.
+    """
+    ensure_holds_keys(group)
+    cipher = current_cipher()
+    by_hash: dict[str, str] = {}
+    for key in keys:
+        by_hash.setdefault(cipher.hash(key), key)
+    held = set(APIKey.objects.filter(group=group).values_list("key_hash", flat=True))
+    fresh = [(digest, key) for digest, key in by_hash.items() if digest not in held]
+    report = progress or _ignore
+    known = len(keys) - len(fresh)  # repeats and keys the group holds: done at once
+    report(known, len(keys))
+    added = done = 0
+    for chunk in chunks(fresh, BATCH):
+        rows = [(cipher.encrypt(key), digest) for digest, key in chunk]
+        with transaction.atomic():
+            added += _insert_active_keys(group, rows)
+        done += len(rows)
+        report(known + done, len(keys))
+    if added:
+        transaction.on_commit(ConfigVersion.bump)
+    return {"added_count": added, "ignored_count": len(keys) - added,
+            "total_in_group": count_keys(group)}  # fmt: skip
+
+
+def delete_keys(
+    group: Group, keys: Sequence[str], progress: Progress | None = None
+) -> dict[str, int]:
+    """Deletes the group's keys among `keys` (matched by hash).
+
+    Returns `{deleted_count, ignored_count, total_in_group}`; keys the group does not
+    hold (and repeats) are ignored.
+    """
+    hashes = _unique_hashes(keys)
+    report = progress or _ignore
+    done = len(keys) - len(hashes)  # repeats
+    report(done, len(keys))
+    deleted = 0
+    for chunk in chunks(hashes, BATCH):
+        with transaction.atomic():
+            deleted += _delete_rows(APIKey.objects.filter(group=group, key_hash__in=chunk))
+        done += len(chunk)
+        report(done, len(keys))
+    if deleted:
+        transaction.on_commit(ConfigVersion.bump)
+    return {"deleted_count": deleted, "ignored_count": len(keys) - deleted,
+            "total_in_group": count_keys(group)}  # fmt: skip
+
+
+RESTORED = {"status": KeyStatus.ACTIVE, "cooling_until": None, "consecutive_failures": 0,
+            "last_error": ""}  # fmt: skip
+
+
+def restore_keys(group: Group, keys: Sequence[str]) -> dict[str, int]:
+    """Makes the listed invalid keys active again, their failure streak forgotten.
+
+    Returns `{restored_count, ignored_count, total_in_group}`; keys that are not
+    invalid (or not in the group) are ignored.
+    """
+    restored = 0
+    for chunk in chunks(_unique_hashes(keys), BATCH):
+        now = timezone.now()
+        with transaction.atomic():
+            restored += APIKey.objects.filter(
+                group=group, key_hash__in=chunk, status=KeyStatus.INVALID
+            ).update(**RESTORED, status_changed_at=now, updated_at=now)
+    if restored:
+        transaction.on_commit(ConfigVersion.bump)
+    return {"restored_count": restored, "ignored_count": len(keys) - restored,
+            "total_in_group": count_keys(group)}  # fmt: skip
+
+
+def restore_all_invalid(group: Group) -> int:
+    """Makes every invalid key of the group active again; returns how many."""
+    rows = APIKey.objects.filter(group=group, status=KeyStatus.INVALID)
+
+    def restore(batch: QuerySet[APIKey]) -> int:
+        now = timezone.now()
+        return batch.update(**RESTORED, status_changed_at=now, updated_at=now)
+
+    restored = _in_id_ranges(rows, restore)
+    if restored:
+        transaction.on_commit(ConfigVersion.bump)
+    return restored
+
+
+def clear_keys(group: Group, status: str = "all", progress: Progress | None = None) -> int:
+    """Deletes the group's keys in `status` (or all of them); returns how many.
+
+    Works through id ranges of `BATCH` keys, each deleted in its own short
+    transaction, so 100,000 keys never hold a lock for long nor build a giant statement.
+    """
+    rows = APIKey.objects.filter(group=group, **status_filter(status))
+    deleted = _in_id_ranges(rows, _delete_rows, progress)
+    if deleted:
+        transaction.on_commit(ConfigVersion.bump)
+    return deleted
+
+
+def status_filter(status: str) -> dict[str, Any]:
+    if status == "all":
+        return {}
+    if status not in KeyStatus.values:
+        raise KeyOperationError(f"Unknown key status {status!r}: use {', '.join(EXPORT_STATUSES)}.")
+    return {"status": status}
+
+
+def count_keys(group: Group) -> int:
+    return APIKey.objects.filter(group=group).count()
+
+
+@dataclass(frozen=True)
+class ExportBatch:
+    last_id: int | None  # None: nothing more to export
+    text: str  # the decrypted keys, one per line
+    count: int
+    undecryptable: int
+
+
+def export_batch(group_id: int, status: str, after: int) -> ExportBatch:
+    """The next `BATCH` keys (by id, after `after`) of a group, decrypted, one per line.
+
+    Keys stored under another ENCRYPTION_KEY are left out and counted.
+    """
+    cipher = current_cipher()
+    rows = list(
+        APIKey.objects.filter(group_id=group_id, id__gt=after, **status_filter(status))
+        .order_by("id")
+        .values_list("id", "key_value")[:BATCH]
+    )
+    if not rows:
+        return ExportBatch(None, "", 0, 0)
+    secrets: list[str] = []
+    for _id, stored in rows:
+        try:
+            secrets.append(cipher.decrypt(stored))
+        except DecryptionError:
+            continue
+    text = "".join(f"{secret}\n" for secret in secrets)
+    return ExportBatch(rows[-1][0], text, len(secrets), len(rows) - len(secrets))
+
+
+def export_keys(group_id: int, status: str = "all") -> Iterator[ExportBatch]:
+    """Every batch of a group's keys in `status`, for streaming to a file or a response."""
+    after = 0
+    while (batch := export_batch(group_id, status, after)).last_id is not None:
+        yield batch
+        after = batch.last_id
+
+
+def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+INSERTED_COLUMNS = ("group", "key_value", "key_hash", "status", "consecutive_failures",
+                    "failure_count", "request_count", "last_error", "notes",
+                    "status_changed_at", "created_at", "updated_at")  # fmt: skip
+
+
+def _insert_active_keys(group: Group, rows: Sequence[tuple[str, str]]) -> int:
+    """Inserts `(stored value, hash)` rows as active keys, skipping hashes the group
+    holds; returns how many were inserted.
+
+    One `executemany` of a plain INSERT: `bulk_create` prepares every value of every
+    field in Python and, on SQLite, sends 71 rows per statement; this is 3-4x faster
+    (100,000 keys in ~7 s instead of ~24 s on a busy 2-core machine). The (group,
+    key_hash) unique index makes a key added meanwhile by someone else a no-op.
+    """
+    connection = connections[APIKey.objects.db]
+    fields = [_concrete(name) for name in INSERTED_COLUMNS]
+    now = fields[-1].get_db_prep_save(timezone.now(), connection)
+    quote = connection.ops.quote_name
+    sql = (
+        f"{connection.ops.insert_statement(on_conflict=OnConflict.IGNORE)} "
+        f"{quote(APIKey._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
+        f"VALUES ({', '.join(['%s'] * len(fields))}) "
+        f"{connection.ops.on_conflict_suffix_sql(fields, OnConflict.IGNORE, None, None)}"
+    ).strip()
+    values = [(group.pk, stored, digest, KeyStatus.ACTIVE.value, 0, 0, 0, "", "", now, now, now)
+              for stored, digest in rows]  # fmt: skip
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, values)
+        return cursor.rowcount if cursor.rowcount >= 0 else len(values)
+
+
+def _concrete(name: str) -> Field[Any, Any]:
+    return cast("Field[Any, Any]", APIKey._meta.get_field(name))  # every name is a column
+
+
+def _unique_hashes(keys: Sequence[str]) -> list[str]:
+    cipher = current_cipher()
+    return list(dict.fromkeys(cipher.hash(key) for key in keys))
+
+
+def _delete_rows(rows: QuerySet[APIKey]) -> int:
+    # A plain DELETE: `QuerySet.delete()` would load every key and send a post_delete
+    # signal (a version bump) per row, since settings_app listens to APIKey deletes.
+    return rows._raw_delete(rows.db)
+
+
+def _in_id_ranges(
+    rows: QuerySet[APIKey],
+    apply: Callable[[QuerySet[APIKey]], int],
+    progress: Progress | None = None,
+) -> int:
+    """Applies `apply` to `rows` one id range of up to `BATCH` rows at a time."""
+    report = progress or _ignore
+    total = rows.count() if progress else 0
+    done, last = 0, 0
+    while ids := list(rows.filter(id__gt=last).order_by("id").values_list("id", flat=True)[:BATCH]):
+        with transaction.atomic():
+            done += apply(rows.filter(id__gte=ids[0], id__lte=ids[-1]))
+        last = ids[-1]
+        report(min(done, total), total)
+    return done
+
+
+def _ignore(processed: int, total: int) -> None:
+    return None
