@@ -9,3 +9,9 @@ class GptloadConfig(AppConfig):
 
     def ready(self) -> None:
         from gptload import checks  # noqa: F401 - registers the system checks
+
+        # Celery's current app must be ours in every process (web, commands), or
+        # `task.delay()` would publish through Celery's default app to amqp://localhost.
+        from gptload.celery import app
+
+        app.set_default()

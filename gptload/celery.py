@@ -14,3 +14,15 @@ load_settings_or_exit()
 app = Celery("gptload")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+def _make_queue_folders() -> None:
+    """The filesystem broker (embedded mode) needs its folders before anyone publishes."""
+    from django.conf import settings
+
+    if not settings.REDIS_DSN:
+        for folder in ("queue", "control"):
+            (settings.CELERY_DATA_DIR / folder).mkdir(parents=True, exist_ok=True)
+
+
+_make_queue_folders()

@@ -182,14 +182,20 @@ CHANNEL_LAYERS = {
 }
 
 # --- Celery (gptload/celery.py reads the CELERY_ names) ---
+# Embedded mode: kombu's filesystem transport, beside the SQLite file it serves (two
+# installations, or a test server, never share a queue).
+_DB = DATABASES["default"]
+CELERY_DATA_DIR = (
+    Path(_DB["NAME"]).parent if _DB["ENGINE"].endswith("sqlite3") else DATA_DIR
+) / "celery"
 CELERY_BROKER_URL = REDIS_DSN or "filesystem://"
 CELERY_BROKER_TRANSPORT_OPTIONS = (
     {}
     if REDIS_DSN
     else {
-        "data_folder_in": str(DATA_DIR / "celery" / "queue"),
-        "data_folder_out": str(DATA_DIR / "celery" / "queue"),
-        "control_folder": str(DATA_DIR / "celery" / "control"),
+        "data_folder_in": str(CELERY_DATA_DIR / "queue"),
+        "data_folder_out": str(CELERY_DATA_DIR / "queue"),
+        "control_folder": str(CELERY_DATA_DIR / "control"),
     }
 )
 CELERY_RESULT_BACKEND = None

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from conftest import ON_MYSQL, free_port, manage
+from conftest import ADMIN_KEY, ON_MYSQL, free_port, manage
 
 
 def test_serve_answers_health_and_the_admin_and_stops_on_sigterm(serve):
@@ -134,3 +137,62 @@ def test_log_format_json_writes_json_lines(serve, tmp_path):
     lines = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
     assert lines
     assert {"time", "level", "logger", "message"} <= set(lines[0])
+
+
+def children(pid: int) -> dict[int, str]:
+    """The processes whose parent is `pid`, with their command lines."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def workers_of(server) -> set[int]:
+    return {pid for pid, cmd in children(server.process.pid).items() if "celery" in cmd}
+
+
+def test_serve_runs_and_supervises_the_embedded_worker(serve):
+    port = free_port()
+    server = serve(sys.executable, "manage.py", "serve", "--host", "127.0.0.1", "--port",
+                   str(port), "--worker", env={"AUTH_KEY": ADMIN_KEY}, port=port)  # fmt: skip
+    server.wait_ready()
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    group = httpx.post(server.url + "/api/groups", headers=admin, json={
+        "name": f"emb{time.monotonic_ns()}", "channel_type": "openai", "test_model": "m",
+        "upstreams": [{"url": "https://api.openai.com", "weight": 1}]}).json()["data"]  # fmt: skip
+
+    def import_keys(text: str) -> dict[str, Any]:
+        started = httpx.post(server.url + "/api/keys/add-async", headers=admin,
+                             json={"group_id": group["id"], "keys_text": text})  # fmt: skip
+        assert started.status_code == 200, started.text
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status = httpx.get(server.url + f"/api/tasks/status?group_id={group['id']}",
+                               headers=admin).json()["data"]  # fmt: skip
+            if not status["is_running"]:
+                return status
+            time.sleep(0.2)
+        raise AssertionError(f"the job did not finish: {status}")
+
+    assert import_keys("sk-emb-1111111111\nsk-emb-2222222222")["result"]["added_count"] == 2
+    first = workers_of(server)
+    assert first
+    os.kill(min(first), signal.SIGKILL)  # a crashed worker comes back
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (workers_of(server) - first):
+        time.sleep(0.2)
+    assert workers_of(server) - first
+    assert import_keys("sk-emb-3333333333")["result"]["added_count"] == 1
+    survivors = workers_of(server)
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(30) == 0
+    time.sleep(0.5)
+    assert not [pid for pid in survivors if Path(f"/proc/{pid}").exists()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 from typing import Any
@@ -14,6 +15,7 @@ from django.db import DatabaseError, connection
 
 from gptload.lib.dsn import describe_database, mask_url
 from gptload.lib.secrets import weakness
+from gptload.worker import WorkerSupervisor
 
 
 class Command(BaseCommand):
@@ -31,6 +33,12 @@ class Command(BaseCommand):
             help="web worker processes (default: WEB_CONCURRENCY, %(default)s)",
         )  # fmt: skip
         parser.add_argument("--no-migrate", action="store_true", help="skip migrations")
+        parser.add_argument(
+            "--worker", action=argparse.BooleanOptionalAction, default=None,
+            help="also run the embedded Celery worker with beat (default: on without "
+            "REDIS_DSN on a master node, off otherwise: run `celery -A gptload worker` "
+            "and one `celery -A gptload beat` yourself)",
+        )  # fmt: skip
 
     def handle(self, *args: Any, **options: Any) -> None:
         warn_about_secrets(self.stderr.write)
@@ -51,9 +59,24 @@ class Command(BaseCommand):
         )
         self.stdout.flush()
         connection.close()  # the server's workers open their own
+        embedded = options["worker"]
+        if embedded is None:
+            embedded = not settings.REDIS_DSN and not settings.IS_SLAVE
+        supervisor = WorkerSupervisor() if embedded else None
+        if supervisor is not None:
+            self.stdout.write("embedded Celery worker with beat: on (filesystem broker)")
+            self.stdout.flush()
+            supervisor.start()
         # uvicorn re-raises SIGTERM once it has shut down gracefully; exit 0 then, as a
         # clean stop should look to a supervisor.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            self.serve(options)
+        finally:
+            if supervisor is not None:
+                supervisor.stop()
+
+    def serve(self, options: dict[str, Any]) -> None:
         uvicorn.run(
             "gptload.asgi:application",
             host=options["host"],
