@@ -51,6 +51,7 @@ GPTLOAD_VARS = frozenset(
         "DATABASE_DSN",
         "REDIS_DSN",
         "MAX_CONCURRENT_REQUESTS",
+        "STATS_RETENTION_DAYS",
         "ENABLE_CORS",
         "ALLOWED_ORIGINS",
         "ALLOWED_METHODS",

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from keys import jobs
+from keys import jobs, periodic
 
 
 @shared_task(ignore_result=True)
 def run_job(job_id: int) -> None:
     """Runs a queued key job (import, delete, validate) and records its outcome."""
     jobs.run(job_id)
+
+
+@shared_task(ignore_result=True)
+def validate_due_groups() -> list[str]:
+    """Beat: queues the validation of invalid keys of every group that is due."""
+    return periodic.validate_due_groups()
+
+
+@shared_task(ignore_result=True)
+def expire_cooling() -> int:
+    """Beat: stores keys whose rate-limit cooling has ended as active again."""
+    return periodic.expire_cooling()

@@ -27,6 +27,7 @@ BAD_VALUES = [
     ("REDIS_DSN", "localhost:6379", "REDIS_DSN: expected a URL"),
     ("ENABLE_CORS", "true", "ALLOWED_ORIGINS: ENABLE_CORS is on but no origin"),
     ("LOG_ENABLE_FILE", "yes-please", "LOG_ENABLE_FILE: expected true/false"),
+    ("STATS_RETENTION_DAYS", "-3", "STATS_RETENTION_DAYS: must be at least 0"),
 ]
 
 

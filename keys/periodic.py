@@ -1,0 +1,54 @@
+"""The keys' periodic jobs (Celery beat runs them; tests and commands call them directly).
+
+- `validate_due_groups`: every few minutes, each enabled standard group whose
+  `key_validation_interval_minutes` has passed since its last validation gets a
+  validation job for its invalid keys (queued for a worker, visible in
+  `/api/tasks/status`; a group busy with another job waits for the next round).
+- `expire_cooling`: rate-limited keys whose time is up are stored as active again, so
+  that the admin and the API show what the proxies already do (they put a key back in
+  rotation the moment its cooling ends, without waiting for this).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from django.utils import timezone
+
+from keys import jobs
+from keys.models import APIKey, Group, GroupType, JobKind, KeyStatus
+from settings_app.models import SystemSetting
+
+log = logging.getLogger("gptload.jobs")
+
+
+def validate_due_groups(now: datetime | None = None) -> list[str]:
+    """Queues a validation of invalid keys for every group that is due; returns their names."""
+    now = now or timezone.now()
+    queued = []
+    for group in Group.objects.filter(group_type=GroupType.STANDARD, enabled=True):
+        interval = SystemSetting.objects.effective(group.config)["key_validation_interval_minutes"]
+        if group.last_validated_at and group.last_validated_at > now - timedelta(minutes=interval):
+            continue
+        if not APIKey.objects.filter(group=group, status=KeyStatus.INVALID).exists():
+            Group.objects.filter(pk=group.pk).update(last_validated_at=now)
+            continue
+        try:
+            jobs.start(group, JobKind.VALIDATE, params={"statuses": [KeyStatus.INVALID]})
+        except jobs.JobInProgress:
+            log.info("group %s is busy with another key job; validating it next round", group)
+            continue
+        except Exception as exc:  # one group's trouble must not stop the others
+            log.warning("could not queue the validation of group %s: %s", group, exc)
+            continue
+        queued.append(group.name)
+    return queued
+
+
+def expire_cooling(now: datetime | None = None) -> int:
+    """Stores keys whose cooling has ended as active; returns how many."""
+    now = now or timezone.now()
+    return APIKey.objects.filter(status=KeyStatus.COOLING, cooling_until__lte=now).update(
+        status=KeyStatus.ACTIVE, cooling_until=None, status_changed_at=now
+    )
