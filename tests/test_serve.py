@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from conftest import ADMIN_KEY, ON_MYSQL, free_port, manage
+from tests.fakeprovider import Behaviour, FakeProvider
 
 
 def test_serve_answers_health_and_the_admin_and_stops_on_sigterm(serve):
@@ -196,3 +197,32 @@ def test_serve_runs_and_supervises_the_embedded_worker(serve):
     assert server.process.wait(30) == 0
     time.sleep(0.5)
     assert not [pid for pid in survivors if Path(f"/proc/{pid}").exists()]
+
+
+def test_sigterm_finishes_a_stream_in_flight_and_writes_its_log(serve, store_env):
+    with FakeProvider() as fake:
+        fake.behave_default(Behaviour(event_interval=0.4, events=6))  # a 2 s stream
+        server = serve(env={"AUTH_KEY": ADMIN_KEY})
+        server.wait_ready()
+        name = f"drain{time.monotonic_ns()}"
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        group = httpx.post(server.url + "/api/groups", headers=admin, json={
+            "name": name, "channel_type": "openai", "test_model": "m",
+            "proxy_keys": "sk-drain-proxy-0123456789",
+            "upstreams": [{"url": fake.url, "weight": 1}]}).json()["data"]  # fmt: skip
+        httpx.post(server.url + "/api/keys/add-multiple", headers=admin,
+                   json={"group_id": group["id"], "keys_text": "k1"})  # fmt: skip
+        time.sleep(1.2)  # the new group reaches the proxy's snapshot
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        with httpx.stream("POST", f"{server.url}/proxy/{name}/v1/chat/completions", json=body,
+                          headers={"Authorization": "Bearer sk-drain-proxy-0123456789"}) as stream:  # fmt: skip
+            chunks = stream.iter_bytes()
+            received = next(chunks)
+            server.process.send_signal(signal.SIGTERM)  # mid-stream
+            received += b"".join(chunks)
+        assert received.endswith(b"data: [DONE]\n\n")
+        assert server.process.wait(30) == 0
+    count = manage("shell", "-c", "from logs.models import RequestLog; "
+                   f"print(RequestLog.objects.filter(group_name='{name}', status_code=200).count())",
+                   env={**store_env, "AUTH_KEY": ADMIN_KEY})  # fmt: skip
+    assert count.stdout.split()[-1] == "1", count.stderr  # flushed at exit, not a minute later
