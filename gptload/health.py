@@ -11,6 +11,8 @@ from django.db import connection
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_GET
 
+from proxy.recorder import recorder
+
 STARTED = time.monotonic()
 
 
@@ -58,5 +60,12 @@ def health(request: HttpRequest) -> JsonResponse:
         "uptime_seconds": int(uptime),
         "role": "slave" if settings.IS_SLAVE else "master",
         "checks": checks,
+        # This process's request-log buffer: rows waiting for the database, and rows
+        # lost because the buffer was full (the database away for too long).
+        "request_log": {
+            "waiting": len(recorder.buffer),
+            "written": recorder.written,
+            "dropped": recorder.dropped,
+        },
     }
     return JsonResponse(body, status=200 if healthy else 503)
