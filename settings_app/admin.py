@@ -25,7 +25,7 @@ class SystemSettingForm(SecretFieldsForm):
 @admin.register(SystemSetting)
 class SystemSettingAdmin(admin.ModelAdmin):
     form = SystemSettingForm
-    list_display = ["setting_key", "value", "default", "description", "updated_at"]
+    list_display = ["setting_key", "value", "default", "overridden_by", "description", "updated_at"]
     search_fields = ["setting_key", "description"]
     readonly_fields = ["created_at", "updated_at"]
 
@@ -44,3 +44,12 @@ class SystemSettingAdmin(admin.ModelAdmin):
         except SettingError:
             return "(unknown setting: ignored)"
         return definition.serialize(definition.default_value())
+
+    @admin.display(description="Overridden by groups")
+    def overridden_by(self, obj: SystemSetting) -> str:
+        from keys.models import Group
+
+        groups = Group.objects.filter(config__has_key=obj.setting_key).values_list(
+            "name", flat=True
+        )
+        return ", ".join(groups) or "-"

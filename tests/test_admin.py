@@ -104,3 +104,12 @@ def test_a_bad_group_is_refused_with_the_reason(admin_client, world):
     assert "not an http:// or https:// URL" in html
     assert "unknown config field" in html
     assert not Group.objects.filter(name="Bad Name").exists()
+
+
+def test_the_settings_list_shows_defaults_and_the_groups_that_override(admin_client, world):
+    Group.objects.create(name="patient", channel_type="openai", config={"max_retries": 9})
+    SystemSetting.objects.create(setting_key="max_retries", setting_value="5")
+    page = admin_client.get("/admin/settings_app/systemsetting/").content.decode()
+    row = page[page.index("max_retries") :].split("</tr>")[0]
+    assert ">3<" in row  # the default
+    assert "patient" in row
