@@ -154,6 +154,7 @@ class ForwardProxy(BackgroundServer):
     async def _close(self) -> None:
         for server in self._servers.values():
             server.close()
+        await asyncio.sleep(0)  # connections accepted just now start, and so are tracked
         for task in self._connections:
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
@@ -170,6 +171,10 @@ class ForwardProxy(BackgroundServer):
             await handler(reader, writer)
         except (OSError, EOFError, ValueError, asyncio.LimitOverrunError):
             pass  # a client that hangs up or speaks nonsense ends only its own connection
+        except asyncio.CancelledError:
+            # Only stop() cancels, and this task ends here anyway. Python 3.11's stream
+            # server logs a cancelled connection task as an error (fixed in 3.12).
+            writer.transport.abort()
         finally:
             if task is not None:
                 self._connections.discard(task)
@@ -380,7 +385,8 @@ async def tunnel(
     try:
         await asyncio.wait(copies, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        # Closed before the await below, which stop() may cancel in its turn.
+        upstream_writer.close()
         for copy in copies:
             copy.cancel()
         await asyncio.gather(*copies, return_exceptions=True)
-        upstream_writer.close()
