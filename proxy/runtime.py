@@ -8,6 +8,7 @@ pending key-state changes in one batch, and swaps in a fresh snapshot when neede
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import time
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ from django.db import close_old_connections, transaction
 from gptload.lib.upstream import upstream_client
 from gptload.lifespan import Service, register
 from keys.models import APIKey, KeyStatus
-from proxy.recorder import recorder
+from proxy.recorder import recorder, write_batch
 from proxy.shared import KeyState, Shared
 from proxy.snapshot import KeyEntry, Snapshot, build_snapshot
 from settings_app.models import ConfigVersion
@@ -220,6 +221,30 @@ async def _start() -> None:
 
 
 register(Service("proxy runtime", _start, runtime.stop))
+
+
+def _flush_at_exit() -> None:
+    """daphne has no lifespan: what the stop above would have written, written at exit.
+
+    Under uvicorn the lifespan already emptied both, and this does nothing.
+    """
+    if runtime.pending:
+        try:
+            write_key_states(list(runtime.pending.values()), runtime.pending_errors)
+        except Exception:
+            log.exception("key states not written at exit")
+    while recorder.buffer:
+        batch, recorder.buffer = recorder.buffer[:1000], recorder.buffer[1000:]
+        try:
+            write_batch(batch)
+        except Exception:
+            log.exception(
+                "%d request log rows not written at exit", len(batch) + len(recorder.buffer)
+            )
+            return
+
+
+atexit.register(_flush_at_exit)
 
 
 def now() -> float:

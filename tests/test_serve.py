@@ -199,30 +199,58 @@ def test_serve_runs_and_supervises_the_embedded_worker(serve):
     assert not [pid for pid in survivors if Path(f"/proc/{pid}").exists()]
 
 
+def make_proxied_group(server: Any, upstream: str) -> str:
+    """A group on `upstream` with one key, through the server's API; returns its name."""
+    name = f"drain{time.monotonic_ns()}"
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    group = httpx.post(server.url + "/api/groups", headers=admin, json={
+        "name": name, "channel_type": "openai", "test_model": "m", "proxy_keys": DRAIN_KEY,
+        "upstreams": [{"url": upstream, "weight": 1}]}).json()["data"]  # fmt: skip
+    httpx.post(server.url + "/api/keys/add-multiple", headers=admin,
+               json={"group_id": group["id"], "keys_text": "k1"})  # fmt: skip
+    time.sleep(1.2)  # the new group reaches the proxy's snapshot
+    return name
+
+
+def logged_rows(store_env: dict[str, str], name: str) -> str:
+    count = manage("shell", "-c", "from logs.models import RequestLog; "
+                   f"print(RequestLog.objects.filter(group_name='{name}', status_code=200).count())",
+                   env={**store_env, "AUTH_KEY": ADMIN_KEY})  # fmt: skip
+    return count.stdout.split()[-1] if count.stdout.split() else count.stderr
+
+
+DRAIN_KEY = "sk-drain-proxy-0123456789"
+CHAT_BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
 def test_sigterm_finishes_a_stream_in_flight_and_writes_its_log(serve, store_env):
     with FakeProvider() as fake:
         fake.behave_default(Behaviour(event_interval=0.4, events=6))  # a 2 s stream
         server = serve(env={"AUTH_KEY": ADMIN_KEY})
         server.wait_ready()
-        name = f"drain{time.monotonic_ns()}"
-        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
-        group = httpx.post(server.url + "/api/groups", headers=admin, json={
-            "name": name, "channel_type": "openai", "test_model": "m",
-            "proxy_keys": "sk-drain-proxy-0123456789",
-            "upstreams": [{"url": fake.url, "weight": 1}]}).json()["data"]  # fmt: skip
-        httpx.post(server.url + "/api/keys/add-multiple", headers=admin,
-                   json={"group_id": group["id"], "keys_text": "k1"})  # fmt: skip
-        time.sleep(1.2)  # the new group reaches the proxy's snapshot
-        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-        with httpx.stream("POST", f"{server.url}/proxy/{name}/v1/chat/completions", json=body,
-                          headers={"Authorization": "Bearer sk-drain-proxy-0123456789"}) as stream:  # fmt: skip
+        name = make_proxied_group(server, fake.url)
+        with httpx.stream("POST", f"{server.url}/proxy/{name}/v1/chat/completions",
+                          json={**CHAT_BODY, "stream": True},
+                          headers={"Authorization": f"Bearer {DRAIN_KEY}"}) as stream:  # fmt: skip
             chunks = stream.iter_bytes()
             received = next(chunks)
             server.process.send_signal(signal.SIGTERM)  # mid-stream
             received += b"".join(chunks)
         assert received.endswith(b"data: [DONE]\n\n")
         assert server.process.wait(30) == 0
-    count = manage("shell", "-c", "from logs.models import RequestLog; "
-                   f"print(RequestLog.objects.filter(group_name='{name}', status_code=200).count())",
-                   env={**store_env, "AUTH_KEY": ADMIN_KEY})  # fmt: skip
-    assert count.stdout.split()[-1] == "1", count.stderr  # flushed at exit, not a minute later
+    assert logged_rows(store_env, name) == "1"  # flushed at exit, not a minute later
+
+
+def test_daphne_writes_buffered_log_rows_at_exit(serve, store_env):
+    port = free_port()
+    with FakeProvider() as fake:
+        server = serve(sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+                       "gptload.asgi:application", port=port, env={"AUTH_KEY": ADMIN_KEY})  # fmt: skip
+        server.wait_ready()
+        name = make_proxied_group(server, fake.url)
+        answer = httpx.post(f"{server.url}/proxy/{name}/v1/chat/completions", json=CHAT_BODY,
+                            headers={"Authorization": f"Bearer {DRAIN_KEY}"})  # fmt: skip
+        assert answer.status_code == 200
+        server.process.send_signal(signal.SIGTERM)  # daphne has no lifespan to flush in
+        server.process.wait(30)
+    assert logged_rows(store_env, name) == "1"
