@@ -30,14 +30,6 @@ from settings_app.models import ConfigVersion
 
 log = logging.getLogger("gptload.proxy")
 POLL_SECONDS = 1.0
-PROXY_VARIABLES = (
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "ALL_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "all_proxy",
-)
 
 
 class Runtime:
