@@ -8,7 +8,7 @@ TEST_REDIS_DSN ?= redis://127.0.0.1:6379/14
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: run test test-sqlite test-mysql lint format lock bench migrate clean system-deps
+.PHONY: run test test-sqlite test-mysql lint format lock bench bench-keys migrate clean system-deps
 
 run: $(VENV)/.installed
 	$(PY) manage.py serve
@@ -39,6 +39,10 @@ migrate: $(VENV)/.installed
 # Direct vs proxied req/s, added latency and worker RSS (bench/README.md); BENCH_ARGS=--quick for a smoke run.
 bench: $(VENV)/.installed-dev
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Import, list and clear 100,000 keys against issue 4's targets (bench/README.md); BENCH_ARGS as above.
+bench-keys: $(VENV)/.installed-dev
+	$(PY) bench/keys.py $(BENCH_ARGS)
 
 # Re-pin every dependency (transitive ones too) after editing requirements*.in.
 lock: $(VENV)/.installed-dev

@@ -1,0 +1,869 @@
+"""gptload key-pool benchmark: import, list and clear 100,000 keys, in one command.
+
+On a fresh SQLite database in a temporary directory (or a MySQL/MariaDB database it
+creates and drops, with --database-dsn), Redis off, it measures against issue 4's targets:
+
+  `manage.py import_keys` of 100,000 keys into one group          < 30 s
+  the same file uploaded to POST /api/keys/add-async, until done   < 30 s (upload → done)
+  GET /api/keys pages (first, middle, last, 1,000 per page, exact
+  key search) at 100,000 keys, 20 requests each                  p95 < 200 ms
+  POST /api/keys/clear-all-invalid of 50,000 invalid keys         one call, all gone
+
+The API runs under its production server (`manage.py serve`, one uvicorn worker) beside
+one Celery worker (`celery -A gptload worker --pool=solo`) on the embedded filesystem
+broker, as `make run` does without Redis.
+
+  python bench/keys.py                                          SQLite, 100,000 keys
+  python bench/keys.py --keys 10000                             a quick smoke run
+  python bench/keys.py --database-dsn mysql://root@127.0.0.1:3306/gptload_bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import re
+import secrets
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from contextlib import suppress
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the project is not
+    sys.path.insert(0, str(ROOT))
+
+from bench.run import (  # noqa: E402 - needs the project root on the path first
+    NOISE_LIMIT_CORES,
+    CpuMeter,
+    CpuReading,
+    Processes,
+    die,
+    free_port,
+    process_cpu_seconds,
+    say,
+    sigterm_as_interrupt,
+    status_kib,
+    tail,
+    verdict,
+    wait_until_up,
+)
+
+RESULTS_DIR = ROOT / "bench" / "results"  # gitignored
+COMMAND_GROUP = "bench-command"  # imported with manage.py import_keys, then listed and cleared
+API_GROUP = "bench-api"  # imported through POST /api/keys/add-async
+WARMUP_GROUP = "bench-warmup"  # one small job first: proves the worker takes jobs
+UPSTREAM = "http://127.0.0.1:9"  # never called: nothing here validates keys
+ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+GEMINI_ALPHABET = ALNUM + "-_"
+GEMINI_SHARE = 0.2  # the rest are OpenAI-like
+JOB_FIELDS = ("id", "status", "result", "processed", "total", "created_at", "started_at",
+              "finished_at")  # fmt: skip
+POLL_S = 0.1  # /api/tasks/status polling: the resolution of "upload → done"
+# "Idle": under 0.05 core over 1.5 s, longer than the proxy's 1 s check of the configuration
+# version. After every import the server rebuilds its proxy snapshot of all keys (a second
+# or two at 100k keys, and requests take twice as long meanwhile).
+IDLE_WINDOW_S = 1.5
+IDLE_CORES = 0.05
+MYSQL_SERVERS = ("mariadbd", "mysqld")
+MYSQL_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+SETTINGS_MODULE = "bench_keys_settings"
+SETTINGS_OVERLAY = '''"""gptload's settings with the Celery filesystem broker in this run's directory.
+
+Written by bench/keys.py so that its worker never shares a queue with another
+installation (with MySQL the project's settings put it under data/celery)."""
+
+from pathlib import Path
+
+from gptload.settings import *  # noqa: F403
+
+CELERY_DATA_DIR = Path({folder!r})
+CELERY_BROKER_TRANSPORT_OPTIONS = {{
+    "data_folder_in": str(CELERY_DATA_DIR / "queue"),
+    "data_folder_out": str(CELERY_DATA_DIR / "queue"),
+    "control_folder": str(CELERY_DATA_DIR / "control"),
+}}
+'''
+MARK_INVALID = """
+import json
+from django.db import transaction
+from django.utils import timezone
+from keys.models import APIKey
+rows = APIKey.objects.filter(group_id={group_id})
+ids = list(rows.order_by("id").values_list("id", flat=True))[1::2]
+now = timezone.now()
+with transaction.atomic():
+    for start in range(0, len(ids), 1000):
+        APIKey.objects.filter(id__in=ids[start:start + 1000]).update(
+            status="invalid", status_changed_at=now, last_error="bench: marked invalid")
+print(json.dumps({{"invalid": rows.filter(status="invalid").count(), "total": rows.count()}}))
+"""
+
+
+@dataclass(frozen=True)
+class Targets:
+    command_import_s: float = 30.0
+    api_import_s: float = 30.0
+    page_p95_ms: float = 200.0
+    # One call must also finish before a reverse proxy gives up on it (nginx: 60 s).
+    clear_s: float = 60.0
+
+
+# --- the key file --------------------------------------------------------------------------
+
+
+def write_keys(path: Path, count: int, seed: int) -> list[str]:
+    """`count` distinct random keys, one per line: OpenAI-like `sk-` + 48 characters, and
+    a share of Gemini-like `AIza` + 35 (39 in all). Returns them in file order."""
+    rng = random.Random(seed)
+    keys: set[str] = set()
+    ordered: list[str] = []
+    while len(ordered) < count:
+        if rng.random() < GEMINI_SHARE:
+            key = "AIza" + "".join(rng.choices(GEMINI_ALPHABET, k=35))
+        else:
+            key = "sk-" + "".join(rng.choices(ALNUM, k=48))
+        if key not in keys:
+            keys.add(key)
+            ordered.append(key)
+    path.write_text("".join(f"{key}\n" for key in ordered))
+    return ordered
+
+
+# --- the database --------------------------------------------------------------------------
+
+
+@dataclass
+class Database:
+    dsn: str
+    vendor: str  # "sqlite" or "mysql"
+    version: str
+    mysql: dict[str, Any] = field(default_factory=dict)  # connection arguments, without db
+    name: str = ""
+    created: bool = False
+    server_pids: list[int] = field(default_factory=list)  # a MySQL server on this machine
+
+    def drop(self) -> None:
+        if self.vendor != "mysql" or not self.created:
+            return
+        connection = mysql_connect(self.mysql)
+        try:
+            connection.cursor().execute(f"DROP DATABASE IF EXISTS `{self.name}`")
+        finally:
+            connection.close()
+        self.created = False
+
+
+def mysql_connect(arguments: dict[str, Any]) -> Any:
+    import MySQLdb
+
+    try:
+        return MySQLdb.connect(**arguments)
+    except MySQLdb.Error as exc:
+        die(f"cannot connect to MySQL/MariaDB at {arguments.get('host')}: {exc}")
+
+
+def prepare_database(dsn: str | None, tmp: Path, drop_existing: bool) -> Database:
+    """A fresh SQLite file in `tmp`, or the MySQL database `dsn` names, created here."""
+    if not dsn:
+        path = tmp / "bench.db"
+        return Database(f"sqlite:///{path}", "sqlite", f"SQLite {sqlite3.sqlite_version}")
+    from gptload.lib.dsn import MYSQL_SCHEMES, parse_database
+    from gptload.lib.env import ConfigError
+
+    scheme = dsn.split("://", 1)[0].lower() if "://" in dsn else ""
+    if scheme not in MYSQL_SCHEMES:
+        die("--database-dsn takes a mysql:// (or mariadb://) DSN; leave it out for SQLite")
+    try:
+        config = parse_database(dsn, ROOT)
+    except ConfigError as exc:
+        die(f"--database-dsn: {exc}")
+    name = str(config["NAME"])
+    if not MYSQL_NAME.match(name):
+        die(f"--database-dsn: use a plain database name (letters, digits, _), not {name!r}")
+    arguments: dict[str, Any] = {"user": config.get("USER") or "root", "charset": "utf8mb4"}
+    if config.get("PASSWORD"):
+        arguments["password"] = config["PASSWORD"]
+    if config["OPTIONS"].get("unix_socket"):
+        arguments["unix_socket"] = config["OPTIONS"]["unix_socket"]
+    else:
+        arguments["host"] = config.get("HOST") or "127.0.0.1"
+        arguments["port"] = int(config.get("PORT") or 3306)
+    connection = mysql_connect(arguments)
+    try:
+        cursor = connection.cursor()
+        cursor.execute("SELECT VERSION()")
+        row = cursor.fetchone()
+        cursor.execute("SHOW DATABASES LIKE %s", (name,))
+        if cursor.fetchone():
+            if not drop_existing:
+                die(f"the database {name!r} already exists: the benchmark creates and drops its "
+                    "own. Choose another name, or pass --drop-existing to drop it first.")  # fmt: skip
+            cursor.execute(f"DROP DATABASE `{name}`")
+        cursor.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+    finally:
+        connection.close()
+    version = str(row[0]) if row else "?"
+    vendor_name = "MariaDB" if "mariadb" in version.lower() else "MySQL"
+    local = arguments.get("host", "localhost") in ("127.0.0.1", "localhost", "::1")
+    return Database(dsn, "mysql", f"{vendor_name} {version}", arguments, name, created=True,
+                    server_pids=mysql_server_pids() if local else [])  # fmt: skip
+
+
+def mysql_server_pids() -> list[int]:
+    """The MySQL/MariaDB server processes on this machine (their CPU works for the run)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with suppress(OSError):
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() in MYSQL_SERVERS:
+                found.append(int(entry.name))
+    return found
+
+
+# --- the project's environment and commands ----------------------------------------------------
+
+
+def project_env(
+    tmp: Path, database: Database, port: int, auth_key: str, encrypt: bool
+) -> dict[str, str]:
+    """The environment of every project process of the run (commands, server, worker)."""
+    celery = tmp / "celery"
+    for folder in ("queue", "control"):
+        (celery / folder).mkdir(parents=True, exist_ok=True)
+    (tmp / f"{SETTINGS_MODULE}.py").write_text(SETTINGS_OVERLAY.format(folder=str(celery)))
+    env = dict(os.environ)
+    for name in ("LOG_ENABLE_FILE", "STATIC_ROOT", "ENCRYPTION_KEY"):
+        env.pop(name, None)
+    forced = {
+        "DATABASE_DSN": database.dsn,
+        "REDIS_DSN": "",  # set empty, so that a .env file cannot bring Redis in
+        "AUTH_KEY": auth_key,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "WEB_CONCURRENCY": "1",
+        "IS_SLAVE": "false",
+        "DJANGO_DEBUG": "false",
+        "DJANGO_SETTINGS_MODULE": SETTINGS_MODULE,
+        "PYTHONPATH": f"{tmp}:{ROOT}",  # the overlay, then the project (cwd is tmp)
+    }
+    if encrypt:
+        forced["ENCRYPTION_KEY"] = secrets.token_urlsafe(32)
+    return {**env, **forced}
+
+
+def manage(env: dict[str, str], tmp: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "manage.py"), *arguments], env=env,
+                          cwd=tmp, capture_output=True, text=True, check=False)  # fmt: skip
+
+
+def manage_checked(env: dict[str, str], tmp: Path, *arguments: str) -> str:
+    out = manage(env, tmp, *arguments)
+    if out.returncode != 0:
+        die(f"manage.py {arguments[0]} failed ({out.returncode}):\n{out.stdout}{out.stderr}")
+    return out.stdout
+
+
+def create_group(env: dict[str, str], tmp: Path, name: str) -> int:
+    out = manage_checked(env, tmp, "create_group", name, "--channel", "openai",
+                         "--upstream", UPSTREAM, "--test-model", "gpt-4o-mini")  # fmt: skip
+    found = re.search(r"\bid (\d+)\.", out)
+    if not found:
+        die(f"create_group printed no group id:\n{out}")
+    return int(found.group(1))
+
+
+# --- the management API ----------------------------------------------------------------------
+
+
+@dataclass
+class Api:
+    url: str
+    key: str
+    log: Path
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, Any] | None = None,
+        body: bytes | None = None,
+        content_type: str = "",
+        timeout: float = 60,
+    ) -> tuple[int, Any, float]:
+        """(status, decoded JSON, milliseconds to the last byte of the answer)."""
+        url = self.url + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        request = urllib.request.Request(url, data=body, method=method)  # noqa: S310 - loopback
+        request.add_header("Authorization", f"Bearer {self.key}")
+        if content_type:
+            request.add_header("Content-Type", content_type)
+        started = time.perf_counter()
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read()
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        try:
+            return status, json.loads(raw) if raw else None, elapsed_ms
+        except ValueError:
+            return status, raw[:300], elapsed_ms
+
+    def data(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The envelope's `data` of a successful call; stops the run otherwise."""
+        status, answer, _ = self.call(method, path, **kwargs)
+        if status != 200 or not isinstance(answer, dict) or answer.get("code") != 0:
+            die(f"{method} {path} answered {status}: {str(answer)[:500]}\n{tail(self.log)}")
+        return answer["data"]
+
+    def post_json(self, path: str, payload: dict[str, Any], timeout: float = 60) -> Any:
+        return self.data("POST", path, body=json.dumps(payload).encode(),
+                         content_type="application/json", timeout=timeout)  # fmt: skip
+
+    def count(self, group_id: int, status: str | None = None) -> int:
+        query: dict[str, Any] = {"group_id": group_id, "page_size": 1}
+        if status:
+            query["status"] = status
+        return int(self.data("GET", "/api/keys", query=query)["pagination"]["total_items"])
+
+
+def multipart(group_id: int, filename: str, content: bytes) -> tuple[bytes, str]:
+    """A multipart/form-data body with `group_id` and the file as `file`."""
+    boundary = "gptload-bench-" + secrets.token_hex(12)
+    body = b"".join([
+        f'--{boundary}\r\nContent-Disposition: form-data; name="group_id"\r\n\r\n'
+        f"{group_id}\r\n".encode(),
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+        "Content-Type: text/plain\r\n\r\n".encode(),
+        content,
+        f"\r\n--{boundary}--\r\n".encode(),
+    ])  # fmt: skip
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def wait_for_job(
+    api: Api, group_id: int, job_id: int, timeout: float
+) -> tuple[dict[str, Any], float]:
+    """The job's final status and when (time.perf_counter) it was first seen finished."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = api.data("GET", "/api/tasks/status", query={"group_id": group_id})
+        if status["id"] == job_id and not status["is_running"]:
+            return status, time.perf_counter()
+        if time.monotonic() > deadline:
+            die(f"job {job_id} is not done after {timeout:.0f} s ({status['status']}, "
+                f"{status['processed']:,}/{status['total']:,}); is the worker running?\n"
+                f"{tail(api.log.parent / 'worker.log')}")  # fmt: skip
+        time.sleep(POLL_S)
+
+
+def wait_idle(pid: int, timeout: float = 60) -> float:
+    """Waits until the process is idle (or `timeout`); returns how long it took."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        before = process_cpu_seconds(pid)
+        time.sleep(IDLE_WINDOW_S)
+        if process_cpu_seconds(pid) - before < IDLE_CORES * IDLE_WINDOW_S:
+            break
+    return round(time.monotonic() - started, 2)
+
+
+def seconds_between(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    tmp: Path
+    env: dict[str, str]
+    database: Database
+    keys: list[str]
+    key_file: Path
+    groups: dict[str, int] = field(default_factory=dict)
+    server_pid: int = 0
+    worker_pid: int = 0
+
+
+@dataclass
+class Results:
+    command_import: dict[str, Any] = field(default_factory=dict)
+    api_import: dict[str, Any] = field(default_factory=dict)
+    paging: dict[str, dict[str, Any]] = field(default_factory=dict)
+    clear_invalid: dict[str, Any] = field(default_factory=dict)
+    settle_s: float = 0.0  # waited after the API import, until the server was idle
+    # VmRSS / VmHWM (peak so far) of the server and the worker after each step, in MiB.
+    memory_mib: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def sample_memory(self, step: str, world: World) -> None:
+        self.memory_mib[step] = {
+            f"{name}_{field_name.lower()}": round(status_kib(pid, field_name) / 1024, 1)
+            for name, pid in (("server", world.server_pid), ("worker", world.worker_pid))
+            for field_name in ("VmRSS", "VmHWM")
+        }
+
+
+class Phase:
+    """Measures, around one timed step, the CPU that processes outside the benchmark took
+    (the server, the worker, a local database server and finished commands are ours)."""
+
+    def __init__(self, world: World) -> None:
+        pids = [world.server_pid, world.worker_pid, *world.database.server_pids]
+        self.meter = CpuMeter([pid for pid in pids if pid])
+        self.before: CpuReading | None = None
+
+    def __enter__(self) -> Phase:
+        self.before = self.meter.read()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def other_cores(self) -> float:
+        assert self.before is not None
+        return round(self.meter.other_cores(self.before, self.meter.read()), 3)
+
+
+def set_up(args: argparse.Namespace, database: Database, tmp: Path) -> World:
+    port, auth_key = free_port(), secrets.token_urlsafe(32)
+    env = project_env(tmp, database, port, auth_key, args.encrypt)
+    key_file = tmp / "keys.txt"
+    say(f"writing {args.keys:,} random keys to {key_file.name}...")
+    keys = write_keys(key_file, args.keys, args.seed)
+    world = World(tmp, env, database, keys, key_file)
+    say(f"database: {database.version}; migrate and create_group...")
+    manage_checked(env, tmp, "migrate", "--no-input", "-v0")
+    for name in (COMMAND_GROUP, API_GROUP, WARMUP_GROUP):
+        world.groups[name] = create_group(env, tmp, name)
+    return world
+
+
+def command_import(world: World, targets: Targets) -> dict[str, Any]:
+    """`manage.py import_keys GROUP FILE`, timed from start to exit (Django's start included)."""
+    say(
+        f"manage.py import_keys {COMMAND_GROUP} {world.key_file.name} ({len(world.keys):,} keys)..."
+    )
+    with Phase(world) as phase:
+        started = time.perf_counter()
+        out = manage(world.env, world.tmp, "import_keys", COMMAND_GROUP, str(world.key_file))
+        seconds = time.perf_counter() - started
+    if out.returncode != 0 or "Added" not in out.stdout:
+        die(f"import_keys failed ({out.returncode}):\n{out.stdout}{out.stderr}")
+    say(f"  {seconds:.2f} s: {out.stdout.strip()}")
+    return {"seconds": round(seconds, 3), "keys_per_second": round(len(world.keys) / seconds),
+            "output": out.stdout.strip(), "other_cpu_cores": phase.other_cores(),
+            "target_s": targets.command_import_s}  # fmt: skip
+
+
+def start_servers(world: World, processes: Processes) -> Api:
+    """`manage.py serve` (one worker, no embedded Celery worker) and one Celery worker."""
+    serve = [sys.executable, str(ROOT / "manage.py"), "serve", "--no-migrate"]
+    if "--no-worker" in manage(world.env, world.tmp, "serve", "--help").stdout:
+        serve.append("--no-worker")  # this run starts its own worker, below
+    log = world.tmp / "server.log"
+    server = processes.start("server", serve, log, world.env, world.tmp)
+    worker_cmd = [sys.executable, "-m", "celery", "-A", "gptload", "worker", "--pool=solo",
+                  "--concurrency=1", "-l", "warning", "--hostname=bench-keys@%h",
+                  "--without-gossip", "--without-mingle"]  # fmt: skip
+    worker = processes.start("worker", worker_cmd, world.tmp / "worker.log", world.env, world.tmp)
+    url = f"http://127.0.0.1:{world.env['PORT']}"
+    wait_until_up(url + "/health", server, log, 60)
+    world.server_pid, world.worker_pid = server.pid, worker.pid
+    api = Api(url, world.env["AUTH_KEY"], log)
+    say(f"server {url} (pid {server.pid}), Celery worker pid {worker.pid}; a warm-up job...")
+    # A small job first: the worker is consuming (its start is not timed) and jobs work.
+    group_id = world.groups[WARMUP_GROUP]
+    job = api.post_json("/api/keys/add-async", {"group_id": group_id,
+                        "keys_text": "\n".join(world.keys[:10])})  # fmt: skip
+    status, _ = wait_for_job(api, group_id, job["id"], 120)
+    if status["status"] != "succeeded" or (status["result"] or {}).get("added_count") != 10:
+        die(f"the warm-up job did not add its 10 keys: {status}\n{tail(world.tmp / 'worker.log')}")
+    wait_idle(server.pid)
+    return api
+
+
+def api_import(world: World, api: Api, targets: Targets) -> dict[str, Any]:
+    """The key file as multipart to /api/keys/add-async, polled until the job is done."""
+    group_id = world.groups[API_GROUP]
+    body, content_type = multipart(group_id, world.key_file.name, world.key_file.read_bytes())
+    say(f"POST /api/keys/add-async ({len(body) / 2**20:.1f} MiB file, {len(world.keys):,} keys) "
+        "until the job is done...")  # fmt: skip
+    with Phase(world) as phase:
+        started = time.perf_counter()
+        status, answer, upload_ms = api.call("POST", "/api/keys/add-async", body=body,
+                                             content_type=content_type, timeout=300)  # fmt: skip
+        if status != 200 or not isinstance(answer, dict) or answer.get("code") != 0:
+            die(f"add-async answered {status}: {str(answer)[:500]}\n{tail(api.log)}")
+        job = answer["data"]
+        done, finished = wait_for_job(api, group_id, job["id"], max(600, targets.api_import_s * 10))
+        seconds = finished - started
+    result = done["result"] or {}
+    if done["status"] != "succeeded" or result.get("added_count") != len(world.keys):
+        die(f"the import job ended {done['status']}: {done['error'] or result}")
+    say(f"  {seconds:.2f} s upload → done (answered in {upload_ms / 1000:.2f} s, job "
+        f"{done['duration_seconds']:.2f} s)")  # fmt: skip
+    return {
+        "seconds": round(seconds, 3),
+        "keys_per_second": round(len(world.keys) / seconds),
+        "upload_bytes": len(body),
+        "upload_answered_s": round(upload_ms / 1000, 3),
+        "queued_s": seconds_between(done["created_at"], done["started_at"]),
+        "job_s": done["duration_seconds"],
+        "job": {k: done[k] for k in JOB_FIELDS},
+        "poll_interval_s": POLL_S,
+        "other_cpu_cores": phase.other_cores(),
+        "target_s": targets.api_import_s,
+    }
+
+
+def command_job(api: Api, group_id: int) -> dict[str, Any]:
+    """The job import_keys recorded (the API shows it like a worker's)."""
+    status = api.data("GET", "/api/tasks/status", query={"group_id": group_id})
+    return {"job_s": status["duration_seconds"], "result": status["result"],
+            "status": status["status"]}  # fmt: skip
+
+
+def percentile(samples: list[float], share: float) -> float:
+    """Nearest-rank percentile: the smallest sample with `share` of them at or below it."""
+    ordered = sorted(samples)
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
+
+
+def paging(world: World, api: Api, requests: int, targets: Targets) -> dict[str, dict[str, Any]]:
+    """GET /api/keys scenarios, each checked once (not timed), then timed `requests` times."""
+    group_id, total = world.groups[COMMAND_GROUP], len(world.keys)
+    pages = -(-total // 15)
+    step = max(1, total // requests)
+    searched = [world.keys[(i * step) % total] for i in range(requests)]
+    scenarios: list[tuple[str, list[dict[str, Any]], int]] = [
+        ("page 1, 15 per page", [{"page": 1, "page_size": 15}], min(15, total)),
+        (f"middle page ({pages // 2 or 1:,}), 15 per page",
+         [{"page": pages // 2 or 1, "page_size": 15}], min(15, total)),
+        (f"last page ({pages:,}), 15 per page",
+         [{"page": pages, "page_size": 15}], total - (pages - 1) * 15),
+        ("page 1, 1,000 per page", [{"page": 1, "page_size": 1000}], min(1000, total)),
+        ("exact key_value= search", [{"key_value": key} for key in searched], 1),
+    ]  # fmt: skip
+    out: dict[str, dict[str, Any]] = {}
+    for name, queries, expected in scenarios:
+        check = {"group_id": group_id, **queries[0]}
+        data = api.data("GET", "/api/keys", query=check)
+        items, count = data["items"], data["pagination"]["total_items"]
+        wanted_key = queries[0].get("key_value")
+        if (
+            len(items) != expected
+            or (count != total and not wanted_key)
+            or (wanted_key and items[0]["key_value"] != wanted_key)
+        ):
+            die(f"GET /api/keys {check}: {len(items)} items of {count} (want {expected} of "
+                f"{total}): {str(data)[:300]}")  # fmt: skip
+        timings: list[float] = []
+        with Phase(world) as phase:
+            for i in range(requests):
+                query = {"group_id": group_id, **queries[i % len(queries)]}
+                status, answer, ms = api.call("GET", "/api/keys", query=query)
+                if status != 200 or not answer["data"]["items"]:
+                    die(f"GET /api/keys {query} answered {status}: {str(answer)[:300]}")
+                timings.append(ms)
+        out[name] = {
+            "p50_ms": round(statistics.median(timings), 2),
+            "p95_ms": round(percentile(timings, 0.95), 2),
+            "max_ms": round(max(timings), 2),
+            "mean_ms": round(statistics.fmean(timings), 2),
+            "requests": requests,
+            "items": expected,
+            "samples_ms": [round(t, 2) for t in timings],
+            "other_cpu_cores": phase.other_cores(),
+            "target_p95_ms": targets.page_p95_ms,
+        }
+        say(f"  {name}: p50 {out[name]['p50_ms']:.1f} ms, p95 {out[name]['p95_ms']:.1f} ms")
+    return out
+
+
+def clear_invalid(world: World, api: Api, targets: Targets) -> dict[str, Any]:
+    """Every other key of the command group marked invalid (not timed), then one
+    POST /api/keys/clear-all-invalid, timed, and the counts checked."""
+    group_id, total = world.groups[COMMAND_GROUP], len(world.keys)
+    marked = json.loads(manage_checked(world.env, world.tmp, "shell", "-c",
+                                       MARK_INVALID.format(group_id=group_id)).splitlines()[-1])  # fmt: skip
+    invalid = total // 2
+    if marked != {"invalid": invalid, "total": total}:
+        die(f"marking {invalid:,} keys invalid left {marked}")
+    say(f"POST /api/keys/clear-all-invalid ({invalid:,} invalid of {total:,} keys)...")
+    with Phase(world) as phase:
+        status, answer, ms = api.call("POST", "/api/keys/clear-all-invalid",
+                                      body=json.dumps({"group_id": group_id}).encode(),
+                                      content_type="application/json", timeout=600)  # fmt: skip
+    if status != 200 or not isinstance(answer, dict) or answer.get("code") != 0:
+        die(f"clear-all-invalid answered {status}: {str(answer)[:500]}\n{tail(api.log)}")
+    deleted = answer["data"]["deleted_count"]
+    left, left_invalid = api.count(group_id), api.count(group_id, "invalid")
+    say(f"  {ms / 1000:.2f} s: {deleted:,} deleted; {left:,} keys left, {left_invalid} invalid")
+    return {
+        "seconds": round(ms / 1000, 3),
+        "calls": 1,
+        "invalid_before": invalid,
+        "deleted_count": deleted,
+        "keys_left": left,
+        "invalid_left": left_invalid,
+        "ok": deleted == invalid and left == total - invalid and left_invalid == 0,
+        "other_cpu_cores": phase.other_cores(),
+        "target_s": targets.clear_s,
+    }
+
+
+def measure(
+    world: World, processes: Processes, args: argparse.Namespace, targets: Targets
+) -> Results:
+    results = Results()
+    results.command_import = command_import(world, targets)
+    api = start_servers(world, processes)
+    results.command_import.update(command_job(api, world.groups[COMMAND_GROUP]))
+    if api.count(world.groups[COMMAND_GROUP]) != len(world.keys):
+        die(f"{COMMAND_GROUP} does not hold the {len(world.keys):,} imported keys")
+    results.sample_memory("started", world)
+    results.api_import = api_import(world, api, targets)
+    results.sample_memory("add-async", world)
+    results.settle_s = wait_idle(world.server_pid)
+    say(f"server idle after {results.settle_s:.1f} s (it rebuilds its proxy snapshot of all keys)")
+    say(f"GET /api/keys at {len(world.keys):,} keys, {args.requests} requests per scenario...")
+    results.paging = paging(world, api, args.requests, targets)
+    results.sample_memory("list", world)
+    results.clear_invalid = clear_invalid(world, api, targets)
+    results.sample_memory("clear-all-invalid", world)
+    return results
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    scenario: str
+    measured: str
+    target: str
+    verdict: str  # PASS, FAIL or "" (informational)
+
+
+def build_rows(results: Results, targets: Targets, keys: int) -> list[Row]:
+    half = keys // 2
+    command, api, clear = results.command_import, results.api_import, results.clear_invalid
+    rows = [
+        Row(f"import_keys command, {keys:,} keys (s)",
+            f"{command['seconds']:.2f} ({command['keys_per_second']:,} keys/s)",
+            f"< {targets.command_import_s:.0f}",
+            verdict(command["seconds"] < targets.command_import_s)),
+        Row("  of which the job (s)", f"{command['job_s']:.2f}", "", ""),
+        Row(f"add-async upload → done, {keys:,} keys (s)",
+            f"{api['seconds']:.2f} ({api['keys_per_second']:,} keys/s)",
+            f"< {targets.api_import_s:.0f}", verdict(api["seconds"] < targets.api_import_s)),
+        Row("  upload answered / queued / job (s)",
+            f"{api['upload_answered_s']:.2f} / {api['queued_s'] or 0:.2f} / {api['job_s']:.2f}",
+            "", ""),
+    ]  # fmt: skip
+    for name, page in results.paging.items():
+        rows.append(Row(
+            f"GET /api/keys {name}, p50 / p95 (ms)", f"{page['p50_ms']:.1f} / {page['p95_ms']:.1f}",
+            f"p95 < {targets.page_p95_ms:.0f}", verdict(page["p95_ms"] < targets.page_p95_ms),
+        ))  # fmt: skip
+    rows.append(Row(
+        f"clear-all-invalid, {half:,} of {keys:,} keys (s)",
+        f"{clear['seconds']:.2f}, 1 call, {clear['deleted_count']:,} gone",
+        f"1 call, all gone, < {targets.clear_s:.0f}",
+        verdict(clear["ok"] and clear["seconds"] < targets.clear_s),
+    ))  # fmt: skip
+    memory = results.memory_mib["clear-all-invalid"]
+    rows.append(Row("server / worker peak RSS (MiB)",
+                    f"{memory['server_vmhwm']:.1f} / {memory['worker_vmhwm']:.1f}", "", ""))  # fmt: skip
+    return rows
+
+
+def print_table(rows: list[Row]) -> None:
+    table = [Row("scenario", "measured", "target", "result"), *rows]
+    names = list(Row.__dataclass_fields__)
+    widths = [max(len(getattr(r, f)) for r in table) for f in names]
+    for i, row in enumerate(table):
+        cells = [getattr(row, f) for f in names]
+        say("  ".join(c.ljust(w) if j == 0 else c.rjust(w)
+                      for j, (c, w) in enumerate(zip(cells, widths, strict=True))))  # fmt: skip
+        if i == 0:
+            say("  ".join("-" * w for w in widths))
+
+
+def other_cpu(results: Results) -> list[tuple[str, float]]:
+    phases = [("import_keys", results.command_import), ("add-async", results.api_import),
+              ("clear-all-invalid", results.clear_invalid),
+              *((f"list {name}", page) for name, page in results.paging.items())]  # fmt: skip
+    return [(name, float(phase["other_cpu_cores"])) for name, phase in phases]
+
+
+def environment(world: World, args: argparse.Namespace) -> dict[str, Any]:
+    cpu = "?"
+    with suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                            capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
+    from importlib.metadata import version
+
+    return {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": commit or None,
+        "python": platform.python_version(),
+        "django": version("django"),
+        "celery": version("celery"),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "database": world.database.version,
+        "encrypted": args.encrypt,
+        "keys": args.keys,
+        "key_file_bytes": world.key_file.stat().st_size,
+        "web_workers": 1,
+        "celery_worker": "--pool=solo, filesystem broker",
+    }
+
+
+def save(report: dict[str, Any], explicit: Path | None) -> Path:
+    path = explicit or RESULTS_DIR / f"keys-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2, default=str)
+    path.write_text(text)
+    if explicit is None:
+        (RESULTS_DIR / "keys-latest.json").write_text(text)
+    return path
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench/keys.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument(
+        "--keys",
+        type=int,
+        default=100_000,
+        help="keys in the file imported into each group (default %(default)s)",
+    )
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=20,
+        help="timed requests per GET /api/keys scenario (default %(default)s)",
+    )
+    parser.add_argument(
+        "--database-dsn",
+        metavar="DSN",
+        help="run on this MySQL/MariaDB database (mysql://user:pass@host:port/"
+        "name), created and dropped here; default: a temporary SQLite file",
+    )
+    parser.add_argument(
+        "--drop-existing",
+        action="store_true",
+        help="with --database-dsn: drop the database first if it exists",
+    )
+    parser.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="set a random ENCRYPTION_KEY (keys stored with AES-256-GCM)",
+    )
+    parser.add_argument("--seed", type=int, default=4, help="random seed of the key file")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="write the results here (default bench/results/keys-<time>.json and keys-latest.json)",
+    )
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    args = parser.parse_args(argv)
+    if args.keys < 30:
+        parser.error("--keys: at least 30 (two pages, and keys to search)")
+    if args.requests < 1:
+        parser.error("--requests: at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    targets = Targets()
+    processes = Processes()
+    tmp = Path(tempfile.mkdtemp(prefix="gptload-bench-keys-"))
+    world: World | None = None
+    database: Database | None = None
+    finished = interrupted = False
+    say(f"gptload key-pool bench: {args.keys:,} keys, "
+        f"{'MySQL/MariaDB' if args.database_dsn else 'SQLite'}, Redis off")  # fmt: skip
+    idle = CpuMeter([])
+    before = idle.read()
+    time.sleep(1)
+    if (busy := idle.other_cores(before, idle.read())) > NOISE_LIMIT_CORES:
+        say(f"note: other processes are using {busy:.2f} cores right now; results will suffer")
+    try:
+        with sigterm_as_interrupt():
+            say(f"work dir: {tmp}")
+            database = prepare_database(args.database_dsn, tmp, args.drop_existing)
+            world = set_up(args, database, tmp)
+            results = measure(world, processes, args, targets)
+            rows = build_rows(results, targets, args.keys)
+            about = environment(world, args)
+            finished = True
+    except KeyboardInterrupt:
+        say("\ninterrupted: stopping the processes (the worker ends its job first)...")
+        interrupted = True
+        return 130
+    finally:
+        processes.stop_all()
+        if database is not None:
+            database.drop()
+        if finished or interrupted or not (tmp / "server.log").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            say(f"logs kept in {tmp} (server.log, worker.log)")
+    say()
+    print_table(rows)
+    report = {
+        "environment": about,
+        "targets": asdict(targets),
+        "groups": world.groups,
+        "table": [asdict(r) for r in rows],
+        "results": asdict(results),
+    }
+    path = save(report, args.json)
+    say()
+    say(f"one web worker, one Celery worker (solo pool); {world.database.version}; "
+        f"keys {'encrypted' if args.encrypt else 'stored as they are'}.")  # fmt: skip
+    say(f"results: {path}")
+    steps = other_cpu(results)
+    noisy = [(name, cores) for name, cores in steps if cores > NOISE_LIMIT_CORES]
+    if noisy:
+        worst, cores = max(noisy, key=lambda step: step[1])
+        say(f"WARNING: other processes used more than {NOISE_LIMIT_CORES} core during "
+            f"{len(noisy)} of {len(steps)} timed steps (up to {cores:.2f} cores, in {worst}): "
+            "the machine was not quiet, so these figures understate gptload.")  # fmt: skip
+    failed = [r.scenario for r in rows if r.verdict == "FAIL"]
+    if failed:
+        say(f"missed: {'; '.join(failed)}")
+    return 1 if failed and args.strict else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
