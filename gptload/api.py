@@ -12,26 +12,35 @@ it would end up in access logs.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import math
+import re
 from collections.abc import Callable, Iterable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.core.exceptions import ValidationError as ModelValidationError
-from django.db import IntegrityError
+from django.db import DataError, IntegrityError
 from django.db.models import QuerySet
 from django.http import Http404, HttpRequest, HttpResponse
-from ninja import NinjaAPI, Schema
+from django.http.multipartparser import MultiPartParserError
+from django.utils.datastructures import MultiValueDict
+from django.views.decorators.csrf import csrf_exempt
+from ninja import Field, NinjaAPI, Schema
 from ninja.errors import AuthenticationError, HttpError, ValidationError
+from ninja.parser import Parser
 from ninja.security import APIKeyHeader, HttpBearer, SessionAuth
+from pydantic_core import from_json
 
 from gptload.lib.secrets import constant_time_in
 
 log = logging.getLogger("gptload.api")
 T = TypeVar("T")
 MAX_PAGE_SIZE = 1000
+MAX_ID = 2**63 - 1  # the largest primary key (BIGINT) on every database
+MAX_INT = 2**31 - 1  # the largest value of an IntegerField column on MySQL
 STATUS_CODES = {400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND",
                 405: "METHOD_NOT_ALLOWED", 409: "CONFLICT", 413: "PAYLOAD_TOO_LARGE",
                 422: "VALIDATION_FAILED", 429: "TOO_MANY_REQUESTS", 503: "SERVICE_UNAVAILABLE"}  # fmt: skip
@@ -88,7 +97,8 @@ def paginate(
                        f"page must be ≥ 1 and page_size between 1 and {MAX_PAGE_SIZE}")  # fmt: skip
     total = rows.count()
     start = (page - 1) * page_size
-    items = convert(rows[start : start + page_size])
+    # A page past the end is empty without asking: an OFFSET beyond 2^63 is an SQL error.
+    items = convert(rows[start : start + page_size]) if start < total else []
     return {
         "items": items,
         "pagination": {
@@ -98,6 +108,28 @@ def paginate(
             "total_pages": math.ceil(total / page_size) if total else 0,
         },
     }
+
+
+# Blank as both Python and JSON Schema (ECMA 262) see it: `str.isspace()` also takes
+# control characters such as \x1c, which a documented `\s` would not match.
+BLANK = r"[ \t\r\n\f\v]*"
+
+
+def is_blank(value: Any) -> bool:
+    return isinstance(value, str) and re.fullmatch(BLANK, value) is not None
+
+
+def blank_allowed(schema: dict[str, Any]) -> None:
+    """`json_schema_extra` of a query filter that an empty value (`?status_code=`) turns
+    off, as GPT-Load's web UI sends them: the schema then says so."""
+    schema.setdefault("anyOf", []).append({"type": "string", "pattern": f"^{BLANK}$"})
+
+
+class PageQuery(Schema):
+    """`page` (from 1) and `page_size` (1-1000) of a listing."""
+
+    page: int = Field(1, ge=1)
+    page_size: int = Field(15, ge=1, le=MAX_PAGE_SIZE)
 
 
 def is_admin_key(key: str | None) -> bool:
@@ -126,9 +158,54 @@ class StaffSession(SessionAuth):
         return user if user is not None and user.is_active and user.is_staff else None
 
 
+class StrictParser(Parser):
+    """Reads JSON bodies with pydantic's parser, and refuses a query parameter sent twice
+    (`?page=1&page=2`) rather than guessing which one was meant (Django would take the
+    last, GPT-Load's gin the first)."""
+
+    def parse_body(self, request: HttpRequest) -> dict[str, Any]:
+        # Unlike json.loads, it refuses escaped lone surrogates ("\ud800"): no database
+        # can store them as UTF-8, so they failed at the INSERT. Nor NaN, which is no JSON.
+        # A leading BOM, as some editors save JSON, is allowed.
+        body = request.body.removeprefix(codecs.BOM_UTF8)
+        return cast("dict[str, Any]", from_json(body, allow_inf_nan=False))
+
+    def parse_querydict(
+        self, data: MultiValueDict[str, Any], list_fields: list[str], request: HttpRequest
+    ) -> dict[str, Any]:
+        for name, values in data.lists():
+            if len(values) > 1 and name not in list_fields:
+                raise ApiError(400, "BAD_REQUEST", f"{name}: sent {len(values)} times; "
+                               "send each parameter once.")  # fmt: skip
+        return super().parse_querydict(data, list_fields, request)
+
+
 ADMIN_AUTH = [BearerKey(), HeaderKey("X-Api-Key"), HeaderKey("X-Goog-Api-Key"), StaffSession()]
 
-api = NinjaAPI(
+ERROR_RESPONSE = {
+    "description": "Refused: `code` names the reason, `message` says what to fix.",
+    "content": {"application/json": {"schema": {
+        "type": "object", "required": ["code", "message"],
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+    }}},
+}  # fmt: skip
+
+
+class ManagementAPI(NinjaAPI):
+    """Ninja's API, whose OpenAPI document also describes the refusals every operation
+    may answer with (GPT-Load's error shape), so clients and fuzzers can rely on it."""
+
+    def get_openapi_schema(
+        self, *, path_prefix: str | None = None, path_params: dict[str, Any] | None = None
+    ) -> Any:
+        schema = super().get_openapi_schema(path_prefix=path_prefix, path_params=path_params)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation["responses"].setdefault("4XX", ERROR_RESPONSE)
+        return schema
+
+
+api = ManagementAPI(
     title="gptload management API",
     version="1",
     description="GPT-Load-compatible management API. Authenticate with AUTH_KEY as a Bearer "
@@ -137,6 +214,7 @@ api = NinjaAPI(
     auth=ADMIN_AUTH,
     docs_url="/docs",
     openapi_url="/openapi.json",
+    parser=StrictParser(),
 )
 
 
@@ -178,7 +256,7 @@ def on_unauthenticated(request: HttpRequest, exc: AuthenticationError) -> HttpRe
 
 @api.exception_handler(HttpError)
 def on_http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
-    if str(exc) == "Cannot parse request body":
+    if str(exc).startswith("Cannot parse request body"):  # DEBUG adds the parser's words
         return error(request, 400, "INVALID_JSON", "The request body is not valid JSON.")
     code = STATUS_CODES.get(exc.status_code, "BAD_REQUEST")
     return error(request, exc.status_code, code, str(exc))
@@ -189,7 +267,8 @@ def on_not_found(request: HttpRequest, exc: Http404) -> HttpResponse:
     return error(request, 404, "NOT_FOUND", str(exc) or "Not found.")
 
 
-def unknown_path(request: HttpRequest, rest: str = "") -> HttpResponse:
+@csrf_exempt  # it changes nothing; else a POST there would get CSRF's HTML 403
+def unknown_path(request: HttpRequest) -> HttpResponse:
     """`/api/…` paths with no endpoint: a JSON 404, not Django's HTML page."""
     return error(request, 404, "NOT_FOUND", f"No API endpoint at {request.path}")
 
@@ -203,7 +282,27 @@ def on_integrity_error(request: HttpRequest, exc: IntegrityError) -> HttpRespons
 def on_too_big(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
     limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
     return error(request, 413, "PAYLOAD_TOO_LARGE", f"The request body exceeds {limit} bytes; "
-                 "upload large key files with /api/keys/add-async.")  # fmt: skip
+                 "upload large key files as a multipart `file` to /api/keys/add-async.")  # fmt: skip
+
+
+@api.exception_handler(MultiPartParserError)
+def on_bad_multipart(request: HttpRequest, exc: MultiPartParserError) -> HttpResponse:
+    return error(request, 400, "BAD_REQUEST", f"The multipart body cannot be read ({exc}): send "
+                 "multipart/form-data with its boundary, or a JSON body.")  # fmt: skip
+
+
+@api.exception_handler(SuspiciousOperation)
+def on_suspicious(request: HttpRequest, exc: SuspiciousOperation) -> HttpResponse:
+    return error(request, 400, "BAD_REQUEST", str(exc) or "The request is malformed.")
+
+
+@api.exception_handler(DataError)
+def on_data_error(request: HttpRequest, exc: DataError) -> HttpResponse:
+    # A value the schema let through but the database refuses (MySQL strict mode): the
+    # client can fix it; logged because a schema should have caught it first.
+    log.warning("database refused a value of %s %s: %s", request.method, request.path, exc)
+    return error(request, 400, "VALIDATION_FAILED", "A value is too long or out of range; "
+                 "send shorter text or smaller numbers.")  # fmt: skip
 
 
 @api.exception_handler(Exception)

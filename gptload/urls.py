@@ -28,6 +28,6 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("proxy/", proxy_api.urls),
     path("api/", api.urls),
-    re_path(r"^api/(?P<rest>.*)$", unknown_path),
+    re_path(r"^api/", unknown_path),  # any rest, newlines included (`.` stops at one)
     path("", RedirectView.as_view(url="/admin/", permanent=False)),
 ]

@@ -16,7 +16,7 @@ from django.http import HttpRequest, HttpResponse
 from ninja import Field, Router, Schema
 from pydantic import ConfigDict
 
-from gptload.api import ApiError, Envelope, api, error, not_found, ok
+from gptload.api import MAX_ID, MAX_INT, ApiError, Envelope, api, error, not_found, ok
 from keys import groups
 from keys.models import Group, GroupSubGroup
 from keys.validation import canonical_header
@@ -39,7 +39,7 @@ def on_group_refusal(request: HttpRequest, exc: groups.GroupOperationError) -> H
 class UpstreamIn(Schema):
     model_config = STRICT
     url: str = Field(max_length=2048)
-    weight: int = 1
+    weight: int = Field(1, ge=0, le=MAX_INT)
 
 
 class HeaderRuleIn(Schema):
@@ -51,7 +51,7 @@ class HeaderRuleIn(Schema):
 
 class SubGroupIn(Schema):
     model_config = STRICT
-    group_id: int = Field(ge=1)
+    group_id: int = Field(ge=1, le=MAX_ID)
     weight: int = Field(ge=0, le=1000)
 
 
@@ -70,7 +70,7 @@ class GroupFields(Schema):
     model_redirect_rules: dict[str, str] | None = None
     model_redirect_strict: bool | None = None
     proxy_keys: str | None = None
-    sort: int | None = Field(None, ge=0)
+    sort: int | None = Field(None, ge=0, le=MAX_INT)
     enabled: bool | None = None
 
 
@@ -126,8 +126,8 @@ class ConfigOptionOut(Schema):
 
 class ReorderItem(Schema):
     model_config = STRICT
-    id: int = Field(ge=1)
-    sort: int = Field(ge=0)
+    id: int = Field(ge=1, le=MAX_ID)
+    sort: int = Field(ge=0, le=MAX_INT)
 
 
 class ReorderIn(Schema):

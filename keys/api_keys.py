@@ -7,6 +7,7 @@ GPT-Load); everywhere else they are masked. Bulk changes of many keys run as job
 
 from __future__ import annotations
 
+import codecs
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
@@ -23,7 +24,16 @@ from ninja.errors import ValidationError
 from pydantic import ConfigDict
 from pydantic import ValidationError as PydanticValidationError
 
-from gptload.api import ApiError, Envelope, Page, not_found, ok, paginate
+from gptload.api import (
+    ERROR_RESPONSE,
+    ApiError,
+    Envelope,
+    Page,
+    PageQuery,
+    not_found,
+    ok,
+    paginate,
+)
 from gptload.lib.crypto import DecryptionError, current_cipher
 from keys import checker, jobs, services
 from keys.models import APIKey, Group, JobKind, KeyJob, KeyStatus
@@ -35,10 +45,18 @@ MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 UNDECRYPTABLE = "failed-to-decrypt"  # GPT-Load's marker
 StatusName = Literal["active", "cooling", "invalid", "disabled"]
 ExportStatus = Literal["all", "active", "cooling", "invalid", "disabled"]
+NOT_QUEUED: dict[str, Any] = {"responses": {503: {
+    **ERROR_RESPONSE, "description": "SERVICE_UNAVAILABLE: the job could not be queued "
+    "(the Celery broker is unreachable); it is recorded as failed.",
+}}}  # fmt: skip
+
+
+# Strict: `"group_id": true` or `"5"` is a mistake to point out, not a value to convert.
+STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 class GroupIn(Schema):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     group_id: int
 
 
@@ -51,12 +69,12 @@ class ValidateIn(GroupIn):
 
 
 class NotesIn(Schema):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     notes: str = Field(max_length=255)
 
 
 class StatusIn(Schema):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     status: Literal["active", "disabled"]
 
 
@@ -161,12 +179,12 @@ class KeyFilters(Schema):
     group_id: int
     status: StatusName | None = None
     key_value: str | None = Field(None, description="exact key (matched by hash)")
-    page: int = 1
-    page_size: int = 15
 
 
 @router.get("", response=Envelope[Page[KeyOut]])
-def list_keys(request: HttpRequest, filters: Query[KeyFilters]) -> dict[str, Any]:
+def list_keys(
+    request: HttpRequest, filters: Query[KeyFilters], pages: Query[PageQuery]
+) -> dict[str, Any]:
     """A group's keys, most recently used first, in plaintext for the admin
     (`failed-to-decrypt` when ENCRYPTION_KEY does not open one)."""
     group = _group(filters.group_id)
@@ -176,7 +194,7 @@ def list_keys(request: HttpRequest, filters: Query[KeyFilters]) -> dict[str, Any
     if filters.key_value:
         rows = rows.filter(key_hash=current_cipher().hash(filters.key_value.strip()))
     rows = rows.order_by("-last_used_at", "-id")
-    return ok(paginate(rows, filters.page, filters.page_size, _plaintext_rows))
+    return ok(paginate(rows, pages.page, pages.page_size, _plaintext_rows))
 
 
 def _plaintext_rows(rows: Iterable[APIKey]) -> list[dict[str, Any]]:
@@ -237,10 +255,11 @@ def add_multiple(request: HttpRequest, payload: KeysTextIn) -> dict[str, Any]:
 @router.post(
     "/add-async",
     response=Envelope[TaskStatusOut],
-    openapi_extra={"requestBody": {"content": {
+    openapi_extra={**NOT_QUEUED, "requestBody": {"content": {
         "application/json": {"schema": {"type": "object", "required": ["group_id", "keys_text"],
                              "properties": {"group_id": {"type": "integer"},
-                                            "keys_text": {"type": "string"}}}},
+                                            "keys_text": {"type": "string"}},
+                             "additionalProperties": False}},
         "multipart/form-data": {"schema": {"type": "object", "required": ["group_id", "file"],
                                 "properties": {"group_id": {"type": "integer"},
                                                "file": {"type": "string", "format": "binary"}}}},
@@ -267,7 +286,7 @@ def delete_multiple(request: HttpRequest, payload: KeysTextIn) -> dict[str, Any]
             return ok(services.delete_keys(group, keys))
 
 
-@router.post("/delete-async", response=Envelope[TaskStatusOut])
+@router.post("/delete-async", response=Envelope[TaskStatusOut], openapi_extra=NOT_QUEUED)
 def delete_async(request: HttpRequest, payload: KeysTextIn) -> dict[str, Any]:
     """Deletes any number of listed keys from the group as a background job."""
     group = _group(payload.group_id)
@@ -311,7 +330,7 @@ def clear_all(request: HttpRequest, payload: GroupIn) -> dict[str, Any]:
     return ok({"message": f"{deleted} keys cleared", "deleted_count": deleted})
 
 
-@router.post("/validate-group", response=Envelope[TaskStatusOut])
+@router.post("/validate-group", response=Envelope[TaskStatusOut], openapi_extra=NOT_QUEUED)
 def validate_group(request: HttpRequest, payload: ValidateIn) -> dict[str, Any]:
     """Checks the group's keys against its upstream as a background job: `status`
     active, cooling or invalid, or all of them (never operator-disabled keys)."""
@@ -458,7 +477,8 @@ def _async_input(request: HttpRequest) -> tuple[int, str]:
             raise ApiError(400, "VALIDATION_FAILED", "group_id: send the group's id as a number.")
         return int(raw_group), text
     try:
-        payload = KeysTextIn.model_validate_json(request.body or b"")
+        # A leading BOM, as some editors save JSON, is what the other endpoints accept too.
+        payload = KeysTextIn.model_validate_json(request.body.removeprefix(codecs.BOM_UTF8))
     except PydanticValidationError as exc:
         if any(error["type"] == "json_invalid" for error in exc.errors()):
             raise ApiError(400, "INVALID_JSON", "The request body is not valid JSON.") from None

@@ -26,7 +26,17 @@ from django.utils import timezone
 from ninja import Field, Query, Router, Schema
 from pydantic import field_validator
 
-from gptload.api import ApiError, Envelope, Page, not_found, ok, paginate
+from gptload.api import (
+    ApiError,
+    Envelope,
+    Page,
+    PageQuery,
+    blank_allowed,
+    is_blank,
+    not_found,
+    ok,
+    paginate,
+)
 from gptload.lib.crypto import Cipher, DecryptionError, current_cipher
 from gptload.lib.secrets import constant_time_in, mask, weakness
 from keys.models import APIKey, Group, GroupType, KeyStatus
@@ -50,9 +60,9 @@ class LogFilters(Schema):
     group_name: str | None = Field(None, description="Substring, case-insensitive.")
     model: str | None = Field(None, description="Substring, case-insensitive.")
     key_value: str | None = Field(None, description="The exact upstream key (matched by hash).")
-    is_success: bool | None = None
-    request_type: Literal["retry", "final"] | None = None
-    status_code: int | None = Field(None, ge=100, le=999)
+    is_success: bool | None = Field(None, json_schema_extra=blank_allowed)
+    request_type: Literal["retry", "final"] | None = Field(None, json_schema_extra=blank_allowed)
+    status_code: int | None = Field(None, ge=100, le=999, json_schema_extra=blank_allowed)
     source_ip: str | None = Field(None, description="Exact client address.")
     error_contains: str | None = Field(None, description="Substring of the error message.")
     start_time: str | None = Field(None, description="ISO 8601 / RFC 3339, inclusive.")
@@ -61,7 +71,7 @@ class LogFilters(Schema):
     @field_validator("*", mode="before")
     @classmethod
     def blank_is_absent(cls, value: Any) -> Any:
-        return None if isinstance(value, str) and not value.strip() else value
+        return None if is_blank(value) else value
 
 
 class LogOut(Schema):
@@ -169,12 +179,12 @@ def log_rows(rows: Iterable[RequestLog]) -> list[dict[str, Any]]:
 
 @router.get("/logs", response=Envelope[Page[LogOut]])
 def list_logs(
-    request: HttpRequest, filters: Query[LogFilters], page: int = 1, page_size: int = 15
+    request: HttpRequest, filters: Query[LogFilters], pages: Query[PageQuery]
 ) -> dict[str, Any]:
     """Request logs, newest first, one row per upstream attempt, with the key in plaintext
     (and `masked_key` for display). `page_size` is at most 1000."""
     rows = filtered_logs(filters).order_by("-timestamp")
-    return ok(paginate(rows, page, page_size, log_rows))
+    return ok(paginate(rows, pages.page, pages.page_size, log_rows))
 
 
 def latest_per_key(rows: QuerySet[RequestLog], after: str) -> tuple[str, list[tuple[str, ...]]]:
@@ -445,12 +455,14 @@ class Chart(Schema):
 
 
 class ChartQuery(Schema):
-    group_id: int | None = Field(None, alias="groupId", description="One group; else all.")
+    group_id: int | None = Field(
+        None, alias="groupId", description="One group; else all.", json_schema_extra=blank_allowed
+    )
 
     @field_validator("group_id", mode="before")
     @classmethod
     def blank_is_absent(cls, value: Any) -> Any:
-        return None if isinstance(value, str) and not value.strip() else value
+        return None if is_blank(value) else value
 
 
 @router.get("/dashboard/chart", tags=["dashboard"], response=Envelope[Chart])

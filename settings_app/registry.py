@@ -27,6 +27,8 @@ BASIC = "Basic"
 REQUEST = "Request settings"
 KEYS = "Key configuration"
 STATUS_RANGE = re.compile(r"^(\d{3})(?:-(\d{3}))?$")
+# No count or duration needs more; beyond it `timedelta` and the schedulers overflow.
+MAXIMUM = 1_000_000
 
 
 def parse_status_codes(spec: str) -> frozenset[int]:
@@ -90,6 +92,7 @@ class Setting:
     description: str
     category: str
     minimum: int | None = None
+    maximum: int = MAXIMUM
     group_overridable: bool = False
     required: bool = False
     normalize: Callable[[str], str] | None = field(default=None, compare=False)
@@ -124,6 +127,8 @@ class Setting:
                 raise SettingError(f"expected a whole number, got {raw!r}") from None
             if self.minimum is not None and number < self.minimum:
                 raise SettingError(f"must be at least {self.minimum}, got {number}")
+            if number > self.maximum:
+                raise SettingError(f"must be at most {self.maximum}, got {number}")
             return number
         if not isinstance(raw, str):
             raise SettingError(f"expected text, got {raw!r}")
@@ -148,7 +153,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Comma-separated keys that clients may use on every group. Seeded from AUTH_KEY.",
             BASIC, required=True, normalize=_key_list),
     Setting("request_log_retention_days", int, 7, "Log retention (days)",
-            "Request logs older than this are deleted; 0 keeps them forever.", BASIC, minimum=0),
+            "Request logs older than this are deleted; 0 keeps them forever.", BASIC, minimum=0,
+            maximum=36500),
     Setting("request_log_write_interval_minutes", int, 1, "Log write interval (minutes)",
             "How often buffered request logs are written; 0 writes each at once.",
             BASIC, minimum=0),

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import codecs
 import json
+import random
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import AsyncClient, override_settings
 
 from conftest import ADMIN_KEY
 from gptload.lib.crypto import current_cipher
-from keys.models import APIKey, Group, KeyStatus
+from keys.models import APIKey, Group, KeyJob, KeyStatus
 from settings_app.models import ConfigVersion
 from tests.fakeprovider import Behaviour, FakeProvider
 
@@ -112,13 +115,23 @@ def test_the_list_pages(admin_api, group):
     assert page["pagination"] == {"page": 2, "page_size": 2, "total_items": 5, "total_pages": 3}
 
 
+def test_a_page_past_the_end_is_empty_however_far(admin_api, group):
+    add_key(group, "sk-a-0123456789")
+    # 2^63 rows in: an OFFSET no database takes (SQLite answered "datatype mismatch").
+    page = admin_api.data(admin_api.get(f"/keys?group_id={group.pk}&page={2**63}&page_size=1000"))
+    assert page == {"items": [], "pagination": {"page": 2**63, "page_size": 1000,
+                                                "total_items": 1, "total_pages": 1}}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("query", "status", "code"),
     [
         ("", 400, "VALIDATION_FAILED"),
         ("group_id=999999", 404, "NOT_FOUND"),
-        ("group_id={g}&page_size=1001", 400, "BAD_REQUEST"),
-        ("group_id={g}&page=0", 400, "BAD_REQUEST"),
+        ("group_id={g}&page_size=1001", 400, "VALIDATION_FAILED"),
+        ("group_id={g}&page_size=1000000000", 400, "VALIDATION_FAILED"),
+        ("group_id={g}&page=0", 400, "VALIDATION_FAILED"),
+        ("group_id={g}&page=1&page=2", 400, "BAD_REQUEST"),
         ("group_id={g}&status=broken", 400, "VALIDATION_FAILED"),
     ],
 )
@@ -266,10 +279,13 @@ def test_bad_key_text_is_refused_and_nothing_is_stored(admin_api, group, text, w
         ({"keys_text": "sk-a"}, 400, "VALIDATION_FAILED"),
         ({"group_id": "{g}", "keys_text": "sk-a", "extra": 1}, 400, "VALIDATION_FAILED"),
         ({"group_id": "{g}", "keys_text": 5}, 400, "VALIDATION_FAILED"),
+        ({"group_id": True, "keys_text": "sk-a"}, 400, "VALIDATION_FAILED"),  # was group 1
+        ({"group_id": "{g}s", "keys_text": "sk-a"}, 400, "VALIDATION_FAILED"),  # the id as text
     ],
 )
 def test_bad_add_requests_are_refused(admin_api, group, body, status, code):
-    body = {k: (group.pk if v == "{g}" else v) for k, v in body.items()}
+    ids = {"{g}": group.pk, "{g}s": str(group.pk)}
+    body = {k: ids.get(v, v) if isinstance(v, str) else v for k, v in body.items()}
     admin_api.refused(admin_api.post("/keys/add-multiple", body), status, code)
     assert not APIKey.objects.exists()
 
@@ -280,6 +296,72 @@ def test_an_aggregate_group_takes_no_keys(admin_api, aggregate):
     )
     assert "aggregate group" in admin_api.refused(response, 400, "VALIDATION_FAILED")
     assert not APIKey.objects.exists()
+
+
+# Malformed and oversized input ---------------------------------------------------------------
+
+FIVE_MB = 5 * 2**20
+
+
+def post_file(admin_api, group: Group, content: bytes) -> Any:
+    upload = SimpleUploadedFile("keys.txt", content)
+    return admin_api.client.post(
+        "/api/keys/add-async",
+        {"group_id": str(group.pk), "file": upload},
+        headers=admin_api.headers,
+    )
+
+
+def test_a_multipart_body_without_boundary_is_a_400(admin_api, group):
+    # Found by the fuzzer: Django's multipart parser raised, and that was a 500.
+    response = admin_api.client.post(
+        "/api/keys/add-async", b'{"group_id": 1, "keys_text": "sk-a-0123456789"}',
+        content_type="multipart/form-data", headers=admin_api.headers,
+    )  # fmt: skip
+    assert "boundary" in admin_api.refused(response, 400, "BAD_REQUEST")
+    assert not KeyJob.objects.exists()
+
+
+@pytest.mark.parametrize("path", ["/keys/add-multiple", "/keys/add-async"])
+def test_five_megabytes_of_json_are_refused_pointing_to_the_file_upload(admin_api, group, path):
+    garbage = random.Random(5).randbytes(FIVE_MB).hex()[:FIVE_MB]
+    response = admin_api.post(path, {"group_id": group.pk, "keys_text": garbage})
+    assert "multipart `file`" in admin_api.refused(response, 413, "PAYLOAD_TOO_LARGE")
+    assert not APIKey.objects.exists()
+    assert not KeyJob.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (random.Random(1).randbytes(FIVE_MB), "not UTF-8"),
+        (b"x" * FIVE_MB, "1 of 1 keys refused: 1 longer than 1000 characters"),
+        (bytes(range(1, 32)) * (FIVE_MB // 31), "containing control or invisible characters"),
+    ],
+    ids=["random-bytes", "one-endless-token", "control-characters"],
+)
+def test_five_megabytes_of_garbage_in_a_file_are_refused(admin_api, group, content, words):
+    assert words in admin_api.refused(
+        post_file(admin_api, group, content), 400, "VALIDATION_FAILED"
+    )
+    assert not APIKey.objects.exists()
+    assert not KeyJob.objects.exists()
+
+
+@pytest.mark.parametrize("as_file", [False, True], ids=["json", "file"])
+def test_an_async_import_reads_a_bom_crlf_and_blank_lines(admin_api, group, as_file):
+    text = "\ufeffsk-a-0123456789\r\n\r\nsk-b-0123456789\r\n  \r\nsk-c-0123456789\r\n"
+    if as_file:
+        response = post_file(admin_api, group, text.encode())
+    else:  # the BOM before the JSON itself, as some editors save it
+        body = codecs.BOM_UTF8 + json.dumps({"group_id": group.pk, "keys_text": text}).encode()
+        response = admin_api.client.post("/api/keys/add-async", body,
+                                         content_type="application/json", headers=admin_api.headers)  # fmt: skip
+    assert admin_api.data(response)["total"] == 3
+    job = KeyJob.objects.get()
+    assert current_cipher().decrypt(job.payload).split("\n") == [
+        "sk-a-0123456789", "sk-b-0123456789", "sk-c-0123456789",
+    ]  # fmt: skip
 
 
 # Deleting, restoring, clearing ---------------------------------------------------------------

@@ -195,6 +195,8 @@ def test_the_chart_of_one_group(admin_api, world):
 
 def test_the_chart_refuses_a_bad_or_unknown_group(admin_api, world):
     admin_api.refused(admin_api.get("/dashboard/chart?groupId=abc"), 400, "VALIDATION_FAILED")
+    # Blank is "all groups", as documented; \x1c is blank to Python, not to the schema.
+    admin_api.refused(admin_api.get("/dashboard/chart?groupId=%1C"), 400, "VALIDATION_FAILED")
     admin_api.refused(admin_api.get("/dashboard/chart?groupId=987654"), 404, "NOT_FOUND")
 
 

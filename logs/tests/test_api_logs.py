@@ -97,6 +97,20 @@ def test_logs_come_newest_first_with_every_field_and_the_key_in_plaintext(admin_
     assert (no_key["key_value"], no_key["masked_key"]) == ("", "")
 
 
+def test_a_page_past_the_end_is_empty_however_far(admin_api, logs):
+    # Found by probing past the fuzzer: an OFFSET of 2^63 was a 409 (SQLite's "datatype
+    # mismatch" taken for a duplicate row) and a 500 on MySQL.
+    page = admin_api.data(admin_api.get(f"/logs?page={2**63}&page_size=1000"))
+    assert page == {"items": [], "pagination": {"page": 2**63, "page_size": 1000,
+                                                "total_items": 6, "total_pages": 1}}  # fmt: skip
+
+
+def test_a_parameter_sent_twice_is_refused(admin_api, logs):
+    # Found by the fuzzer: the last one silently won.
+    response = admin_api.get("/logs?group_name=main&group_name=gemini")
+    assert "group_name: sent 2 times" in admin_api.refused(response, 400, "BAD_REQUEST")
+
+
 def test_pages_split_the_newest_first_order(admin_api, logs):
     page = admin_api.data(admin_api.get("/logs?page=2&page_size=4"))
     assert page["pagination"] == {"page": 2, "page_size": 4, "total_items": 6, "total_pages": 2}
@@ -151,7 +165,11 @@ def test_each_filter_narrows_the_list(admin_api, logs, params, expected):
         ({"status_code": "four-oh-one"}, "status_code"),
         ({"status_code": "42"}, "status_code"),
         ({"page_size": "1001"}, "page_size"),
+        ({"page_size": "1000000000"}, "page_size"),
         ({"page": "0"}, "page"),
+        # Python takes \x1c for white space, the documented pattern (JSON Schema) does not.
+        ({"status_code": "\x1c"}, "status_code"),
+        ({"request_type": "\x1c"}, "request_type"),
     ],
 )  # fmt: skip
 def test_bad_filters_are_refused_naming_the_parameter(admin_api, logs, params, words):

@@ -111,6 +111,13 @@ def test_an_empty_map_changes_nothing(admin_api, stored):
         ({"max_retries": None}, "max_retries: expected a whole number"),
         ({"max_retries": -1}, "max_retries: must be at least 0"),
         ({"request_timeout": 0}, "request_timeout: must be at least 1"),
+        # Accepted before: timedelta and the schedulers overflowed on them later.
+        ({"request_timeout": 10**19}, "request_timeout: must be at most 1000000"),
+        ({"key_validation_interval_minutes": 1e308}, "must be at most 1000000"),
+        (
+            {"request_log_retention_days": 36501},
+            "request_log_retention_days: must be at most 36500",
+        ),
         ({"enable_request_body_logging": 1}, "enable_request_body_logging: expected true or false"),
         ({"enable_request_body_logging": "true"}, "enable_request_body_logging: expected true"),
         ({"proxy_keys": ""}, "proxy_keys: must not be empty"),
