@@ -56,6 +56,7 @@ from bench.run import (  # noqa: E402 - needs the project root on the path first
     die,
     free_port,
     process_cpu_seconds,
+    save,
     say,
     sigterm_as_interrupt,
     status_kib,
@@ -64,7 +65,6 @@ from bench.run import (  # noqa: E402 - needs the project root on the path first
     wait_until_up,
 )
 
-RESULTS_DIR = ROOT / "bench" / "results"  # gitignored
 COMMAND_GROUP = "bench-command"  # imported with manage.py import_keys, then listed and cleared
 API_GROUP = "bench-api"  # imported through POST /api/keys/add-async
 WARMUP_GROUP = "bench-warmup"  # one small job first: proves the worker takes jobs
@@ -743,16 +743,6 @@ def environment(world: World, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def save(report: dict[str, Any], explicit: Path | None) -> Path:
-    path = explicit or RESULTS_DIR / f"keys-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(report, indent=2, default=str)
-    path.write_text(text)
-    if explicit is None:
-        (RESULTS_DIR / "keys-latest.json").write_text(text)
-    return path
-
-
 # --- main --------------------------------------------------------------------------------------
 
 
@@ -847,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
         "table": [asdict(r) for r in rows],
         "results": asdict(results),
     }
-    path = save(report, args.json)
+    path = save(report, args.json, prefix="keys", latest="keys-latest.json")
     say()
     say(f"one web worker, one Celery worker (solo pool); {world.database.version}; "
         f"keys {'encrypted' if args.encrypt else 'stored as they are'}.")  # fmt: skip

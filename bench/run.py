@@ -753,13 +753,19 @@ def environment(wrk: str, pinning: Pinning, mode: str) -> dict[str, Any]:
     }
 
 
-def save(report: dict[str, Any], explicit: Path | None) -> Path:
-    path = explicit or RESULTS_DIR / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+def save(
+    report: dict[str, Any],
+    explicit: Path | None,
+    prefix: str = "bench",
+    latest: str = "latest.json",
+) -> Path:
+    """Writes `report` as JSON to `explicit`, or to a timestamped file and `latest`."""
+    path = explicit or RESULTS_DIR / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2, default=str)
     path.write_text(text)
     if explicit is None:
-        (RESULTS_DIR / "latest.json").write_text(text)
+        (RESULTS_DIR / latest).write_text(text)
     return path
 
 

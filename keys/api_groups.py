@@ -12,11 +12,11 @@ from datetime import datetime
 from typing import Any, Literal
 
 from django.db import transaction
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest
 from ninja import Field, Router, Schema
 from pydantic import ConfigDict
 
-from gptload.api import MAX_ID, MAX_INT, ApiError, Envelope, api, error, not_found, ok
+from gptload.api import MAX_ID, MAX_INT, ApiError, Envelope, not_found, ok
 from keys import groups
 from keys.models import Group, GroupSubGroup
 from keys.validation import canonical_header
@@ -26,11 +26,6 @@ from settings_app.models import SystemSetting
 router = Router(tags=["groups"])
 STRICT = ConfigDict(extra="forbid", strict=True)
 ChannelName = Literal["openai", "openai-response", "gemini", "anthropic"]
-
-
-@api.exception_handler(groups.GroupOperationError)
-def on_group_refusal(request: HttpRequest, exc: groups.GroupOperationError) -> HttpResponse:
-    return error(request, exc.status, exc.code, exc.message)
 
 
 # Schemas ---------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from django.db import transaction
 from django.db.models import Count, QuerySet, Sum
 from django.utils import timezone
 
+from gptload.api import ApiError
 from keys.models import APIKey, Group, GroupSubGroup, KeyStatus
 from logs.models import HourlyStat
 from settings_app.models import ConfigVersion
@@ -32,12 +33,8 @@ VALID_STATUSES = (KeyStatus.ACTIVE, KeyStatus.COOLING)
 STAT_WINDOWS = (("stats_24_hour", 24), ("stats_7_day", 7 * 24), ("stats_30_day", 30 * 24))
 
 
-class GroupOperationError(Exception):
+class GroupOperationError(ApiError):
     """A refused group operation; `status` is the HTTP status the API answers with."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
 
 
 def bump_after_commit() -> None:
