@@ -168,6 +168,17 @@ class Recorder:
             sys.setswitchinterval(0.001)
         return self._writer
 
+    def write_now(self) -> None:
+        """Writes the buffer in this thread (at exit, where no event loop runs any more)."""
+        while self.buffer:
+            batch, self.buffer = self.buffer[:BATCH_SIZE], self.buffer[BATCH_SIZE:]
+            try:
+                write_batch(batch)
+            except Exception:
+                log.exception("%d request log rows not written", len(batch) + len(self.buffer))
+                return
+            self.written += len(batch)
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()

@@ -23,7 +23,7 @@ from django.db import close_old_connections, transaction
 from gptload.lib.upstream import upstream_client
 from gptload.lifespan import Service, register
 from keys.models import APIKey, KeyStatus
-from proxy.recorder import recorder, write_batch
+from proxy.recorder import recorder
 from proxy.shared import KeyState, Shared
 from proxy.snapshot import KeyEntry, Snapshot, build_snapshot
 from settings_app.models import ConfigVersion
@@ -225,15 +225,7 @@ def _flush_at_exit() -> None:
             write_key_states(list(runtime.pending.values()), runtime.pending_errors)
         except Exception:
             log.exception("key states not written at exit")
-    while recorder.buffer:
-        batch, recorder.buffer = recorder.buffer[:1000], recorder.buffer[1000:]
-        try:
-            write_batch(batch)
-        except Exception:
-            log.exception(
-                "%d request log rows not written at exit", len(batch) + len(recorder.buffer)
-            )
-            return
+    recorder.write_now()
 
 
 atexit.register(_flush_at_exit)
