@@ -1,18 +1,21 @@
-"""gptload benchmark: direct vs proxied req/s and added latency, in one command.
+"""gptload benchmark: direct vs reference vs proxied req/s and added latency, in one command.
 
-Starts a fast fake OpenAI upstream (bench/upstream.py) and gptload under its production
-server (`manage.py serve`, one uvicorn worker) on a fresh SQLite database in a temporary
-directory, drives both with wrk, and prints a table against the targets:
+Starts a fast fake OpenAI upstream (bench/upstream.py), a bare aiohttp forwarder as a
+yardstick (bench/reference.py) and gptload under its production server (`manage.py serve`,
+one uvicorn worker) on a fresh SQLite database in a temporary directory, drives all three
+with wrk, and prints a table against the targets:
 
   added p50 ≤ 1.0 ms at one connection (plain);  ≥ 1,000 req/s plain and ≥ 800 req/s
-  streaming (20 events) at 32 connections;  worker RSS ≤ 150 MiB, flat over 100k requests.
+  streaming (20 events) at 32 connections;  worker RSS ≤ 150 MiB, flat over 100k requests;
+  against the reference: ≥ 40% of its req/s plain, ≥ 60% streaming, and an added p50 at
+  most 0.5 ms above the reference's.
 
-On a machine with two or more CPUs the gateway is pinned to the first one and the upstream
-and wrk to the others (taskset), so the proxied figures are "per core".
+On a machine with two or more CPUs the gateway and the reference are pinned to the first
+one and the upstream and wrk to the others (taskset), so the proxied figures are "per core".
 
-  python bench/run.py            full run (~10 s per scenario + the RSS run, about 4 min)
-  python bench/run.py --quick    smoke run (about 40 s)
-  python bench/run.py --keep     leave both servers running afterwards, for profiling
+  python bench/run.py            full run (~10 s per scenario + the RSS run, about 5 min)
+  python bench/run.py --quick    smoke run (about 1 min)
+  python bench/run.py --keep     leave the servers running afterwards, for profiling
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"
@@ -65,6 +68,10 @@ class Targets:
     # "Flat": a leak of 100 bytes per request would add ~10 MiB over 100k requests.
     rss_growth_mib: float = 10.0
     max_error_ratio: float = 0.001
+    # Against bench/reference.py, same core, same load: what the framework and the features cost.
+    reference_plain_ratio: float = 0.40
+    reference_stream_ratio: float = 0.60
+    reference_added_p50_ms: float = 0.5  # gptload's added p50 minus the reference's
 
 
 @dataclass(frozen=True)
@@ -175,24 +182,30 @@ class WrkRun:
     raw_p99_ms: float | None = None
     raw_max_ms: float | None = None
     raw_mean_ms: float | None = None
-    gateway_cpu_ms_per_request: float | None = None
+    # CPU of the server behind the endpoint (gateway or reference); None for direct runs.
+    server_cpu_ms_per_request: float | None = None
     other_cpu_cores: float | None = None  # CPU that processes outside the benchmark used
+
+
+class Server(Protocol):
+    def cpu_seconds(self) -> float: ...
 
 
 @dataclass
 class Endpoint:
-    name: str  # "direct" or "proxied"
+    name: str  # "direct", "reference" or "proxied"
     url: str
     key: str
     plain_body: Path
     stream_body: Path
+    server: Server | None = None  # whose CPU time a run is charged to
 
 
 class Load:
     """Runs wrk (bench/wrk.lua) against an endpoint, pinned to the load CPU, and parses it."""
 
-    def __init__(self, wrk: str, pin: list[str], gateway: Gateway, meter: CpuMeter) -> None:
-        self.wrk, self.pin, self.gateway, self.meter = wrk, pin, gateway, meter
+    def __init__(self, wrk: str, pin: list[str], meter: CpuMeter) -> None:
+        self.wrk, self.pin, self.meter = wrk, pin, meter
         self.history: list[WrkRun] = []
 
     def run(self, endpoint: Endpoint, stream: bool, connections: int, seconds: float) -> WrkRun:
@@ -205,10 +218,11 @@ class Load:
         }
         command = [*self.pin, self.wrk, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s",
                    "--timeout", "10s", "-s", str(WRK_SCRIPT), endpoint.url]  # fmt: skip
-        proxied = endpoint.name == "proxied"
-        cpu_before, machine_before = self.gateway.cpu_seconds(), self.meter.read()
+        server = endpoint.server
+        cpu_before = server.cpu_seconds() if server else 0.0
+        machine_before = self.meter.read()
         out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-        cpu_used = self.gateway.cpu_seconds() - cpu_before if proxied else None
+        cpu_used = server.cpu_seconds() - cpu_before if server else None
         other = self.meter.other_cores(machine_before, self.meter.read())
         line = next((x for x in out.stdout.splitlines() if x.startswith("BENCH_JSON ")), None)
         if out.returncode != 0 or line is None:
@@ -268,7 +282,7 @@ def parse_wrk(
         raw_mean_ms=ms.get("raw_mean_ms"),
     )  # fmt: skip
     if cpu_used is not None and requests:
-        run.gateway_cpu_ms_per_request = cpu_used * 1000 / requests
+        run.server_cpu_ms_per_request = cpu_used * 1000 / requests
     return run
 
 
@@ -340,6 +354,24 @@ class Gateway:
         return sum(process_cpu_seconds(pid) for pid in self.worker_pids())
 
 
+@dataclass
+class Reference:
+    """bench/reference.py: one process (taskset execs it), serving in itself."""
+
+    pid: int
+    url: str
+    keys_file: Path
+
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.pid)
+
+    def rss_mib(self) -> float:
+        return status_kib(self.pid, "VmRSS") / 1024
+
+    def peak_rss_mib(self) -> float:
+        return status_kib(self.pid, "VmHWM") / 1024
+
+
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (0 when it is gone)."""
     try:
@@ -400,13 +432,14 @@ def plan_pinning(enabled: bool) -> Pinning:
         return Pinning(description=f"not pinned ({why}): figures share one CPU with the load")
     gateway, rest = cpus[0], cpus[1:]
     upstream, load = (rest[0], rest[1]) if len(rest) >= 2 else (rest[0], rest[0])
-    # This process only waits on wrk; keep it off the gateway's CPU.
+    # This process only waits on wrk; keep it off the gateway's CPU (the reference's too).
     os.sched_setaffinity(0, set(rest))
     return Pinning(
         gateway=[taskset, "-c", str(gateway)],
         upstream=[taskset, "-c", str(upstream)],
         load=[taskset, "-c", str(load)],
-        description=f"gateway on CPU {gateway}; upstream on CPU {upstream}; wrk on CPU {load}",
+        description=f"gateway and reference on CPU {gateway}; upstream on CPU {upstream}; "
+        f"wrk on CPU {load}",
     )
 
 
@@ -423,6 +456,7 @@ class World:
     upstream_keys: list[str]
     seed: dict[str, Any]
     upstream_pid: int
+    reference: Reference
 
 
 def gateway_env(tmp: Path, port: int, auth_key: str) -> dict[str, str]:
@@ -481,29 +515,63 @@ def set_up(processes: Processes, pinning: Pinning, keys: int, events: int) -> Wo
     proc = processes.start("gateway", serve_cmd, log, env, tmp)
     gateway_url = f"http://127.0.0.1:{gateway_port}"
     wait_until_up(gateway_url + "/health", proc, log, 60)
+
+    # Same keys, upstream and CPU as the gateway: only the software between them differs.
+    reference = start_reference(processes, pinning, tmp, env, upstream_url, proxy_key,
+                                upstream_keys)  # fmt: skip
     return World(tmp, env, upstream_url, Gateway(proc.pid, gateway_url), proxy_key,
-                 upstream_keys, seed, upstream.pid)  # fmt: skip
+                 upstream_keys, seed, upstream.pid, reference)  # fmt: skip
+
+
+def start_reference(
+    processes: Processes,
+    pinning: Pinning,
+    tmp: Path,
+    env: dict[str, str],
+    upstream_url: str,
+    proxy_key: str,
+    upstream_keys: list[str],
+) -> Reference:
+    keys_file = tmp / "upstream-keys.txt"
+    keys_file.write_text("".join(key + "\n" for key in upstream_keys))
+    port, log = free_port(), tmp / "reference.log"
+    command = [*pinning.gateway, sys.executable, str(BENCH_DIR / "reference.py"), "--port",
+               str(port), "--group", GROUP, "--upstream", upstream_url, "--proxy-key", proxy_key,
+               "--keys-file", str(keys_file)]  # fmt: skip
+    proc = processes.start("reference", command, log, env, tmp)
+    url = f"http://127.0.0.1:{port}"
+    wait_until_up(url + "/health", proc, log, 15)
+    return Reference(proc.pid, url, keys_file)
 
 
 def sanity_check(world: World, events: int) -> dict[str, Any]:
-    """One plain and one streamed call through the gateway, before measuring anything."""
-    url = f"{world.gateway.url}/proxy/{GROUP}/v1/chat/completions"
-    log = world.tmp / "gateway.log"
+    """One plain and one streamed call through the gateway and the reference, before
+    measuring anything."""
+    overhead = check_forwarder("gateway", world.gateway.url, world, events)
+    check_forwarder("reference", world.reference.url, world, events)
+    stats = json.loads(http("GET", world.upstream_url + "/__stats")[2])
+    return {"self_reported_overhead_ms": overhead, "upstream_stats": stats}
+
+
+def check_forwarder(name: str, base_url: str, world: World, events: int) -> str | None:
+    """Dies unless `name` answers a completion and a stream right, with an upstream key."""
+    url = f"{base_url}/proxy/{GROUP}/v1/chat/completions"
+    log = world.tmp / f"{name}.log"
     status, headers, body = http("POST", url, PLAIN_BODY, world.proxy_key)
     if status != 200 or b'"usage"' not in body:
-        die(f"proxied completion answered {status}: {body[:300]!r}\n{tail(log)}")
+        die(f"{name}: completion answered {status}: {body[:300]!r}\n{tail(log)}")
     overhead = headers.get("X-Gptload-Overhead-Ms") or headers.get("x-gptload-overhead-ms")
     status, _, body = http("POST", url, STREAM_BODY, world.proxy_key)
     got = body.count(b"data: ")
     if status != 200 or got != events + 2 or not body.endswith(b"data: [DONE]\n\n"):
-        die(f"proxied stream answered {status} with {got} events (want {events + 2}): "
+        die(f"{name}: stream answered {status} with {got} events (want {events + 2}): "
             f"{body[-300:]!r}\n{tail(log)}")  # fmt: skip
     stats = json.loads(http("GET", world.upstream_url + "/__stats")[2])
     if stats.get("unauthorized"):
         die(
-            "the upstream saw requests without an upstream key: the gateway forwarded the proxy key"
+            f"{name}: the upstream saw requests without an upstream key: it forwarded the proxy key"
         )
-    return {"self_reported_overhead_ms": overhead, "upstream_stats": stats}
+    return overhead
 
 
 # --- scenarios -----------------------------------------------------------------------------
@@ -514,16 +582,16 @@ class Results:
     latency: dict[str, dict[str, Any]] = field(default_factory=dict)
     throughput: dict[str, dict[str, Any]] = field(default_factory=dict)
     rss: dict[str, Any] = field(default_factory=dict)
+    reference: dict[str, Any] = field(default_factory=dict)
     other_cpu: dict[str, Any] = field(default_factory=dict)
 
 
-def latency(
-    load: Load, direct: Endpoint, proxied: Endpoint, plan: Plan, stream: bool
-) -> dict[str, Any]:
-    """Alternating rounds at one connection; the median of the per-round percentiles."""
-    rounds: dict[str, list[WrkRun]] = {"direct": [], "proxied": []}
+def latency(load: Load, endpoints: list[Endpoint], plan: Plan, stream: bool) -> dict[str, Any]:
+    """Interleaved rounds at one connection (so drift hits every endpoint alike); the median
+    of the per-round percentiles."""
+    rounds: dict[str, list[WrkRun]] = {endpoint.name: [] for endpoint in endpoints}
     for _ in range(plan.latency_rounds):
-        for endpoint in (direct, proxied):
+        for endpoint in endpoints:
             rounds[endpoint.name].append(load.run(endpoint, stream, 1, plan.latency_round_s))
     summary: dict[str, Any] = {"rounds": {k: [asdict(r) for r in v] for k, v in rounds.items()}}
     for name, runs in rounds.items():
@@ -537,10 +605,16 @@ def latency(
             errors=sum(r.errors for r in runs),
             requests=sum(r.requests for r in runs),
         )
-    cpu = [r.gateway_cpu_ms_per_request for r in rounds["proxied"] if r.gateway_cpu_ms_per_request]
-    summary["proxied"]["gateway_cpu_ms_per_request"] = statistics.median(cpu) if cpu else None
+        cpu = [r.server_cpu_ms_per_request for r in runs if r.server_cpu_ms_per_request]
+        if name != "direct":
+            summary[name]["server_cpu_ms_per_request"] = statistics.median(cpu) if cpu else None
     for stat in ("p50_ms", "p99_ms", "mean_ms"):
         summary["added_" + stat] = summary["proxied"][stat] - summary["direct"][stat]
+        summary["reference_added_" + stat] = summary["reference"][stat] - summary["direct"][stat]
+        # What gptload adds on top of a bare forwarder: the target is on this one.
+        summary["added_over_reference_" + stat] = (
+            summary["added_" + stat] - summary["reference_added_" + stat]
+        )
     return summary
 
 
@@ -552,14 +626,18 @@ def raw_or_wrk(run: WrkRun, stat: str) -> float:
     return run.seconds * 1000 / run.requests if stat == "mean_ms" else float(getattr(run, stat))
 
 
-def throughput(
-    load: Load, direct: Endpoint, proxied: Endpoint, plan: Plan, stream: bool
-) -> dict[str, Any]:
+def throughput(load: Load, endpoints: list[Endpoint], plan: Plan, stream: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for endpoint in (direct, proxied):
+    for endpoint in endpoints:
         run = load.run(endpoint, stream, plan.connections, plan.throughput_s)
         out[endpoint.name] = asdict(run)
-    out["ratio"] = out["proxied"]["rps"] / out["direct"]["rps"] if out["direct"]["rps"] else None
+    proxied, direct, reference = (
+        out["proxied"]["rps"],
+        out["direct"]["rps"],
+        out["reference"]["rps"],
+    )
+    out["ratio"] = proxied / direct if direct else None
+    out["reference_ratio"] = proxied / reference if reference else None
     return out
 
 
@@ -597,31 +675,39 @@ def measure(world: World, wrk: str, pinning: Pinning, plan: Plan) -> Results:
     stream_body.write_text(json.dumps(STREAM_BODY))
     direct = Endpoint("direct", world.upstream_url + "/v1/chat/completions",
                       world.upstream_keys[0], plain_body, stream_body)  # fmt: skip
+    reference = Endpoint("reference", f"{world.reference.url}/proxy/{GROUP}/v1/chat/completions",
+                         world.proxy_key, plain_body, stream_body, world.reference)  # fmt: skip
     proxied = Endpoint("proxied", f"{world.gateway.url}/proxy/{GROUP}/v1/chat/completions",
-                       world.proxy_key, plain_body, stream_body)  # fmt: skip
-    meter = CpuMeter([world.gateway.pid, world.upstream_pid])
-    load = Load(wrk, pinning.load, world.gateway, meter)
+                       world.proxy_key, plain_body, stream_body, world.gateway)  # fmt: skip
+    endpoints = [direct, reference, proxied]
+    meter = CpuMeter([world.gateway.pid, world.upstream_pid, world.reference.pid])
+    load = Load(wrk, pinning.load, meter)
     results = Results()
 
-    say(
-        f"warming up ({plan.warmup_s:.0f} s plain + {plan.warmup_s:.0f} s streaming, 32 connections)..."
-    )
-    load.run(proxied, False, plan.connections, plan.warmup_s)
-    load.run(proxied, True, plan.connections, plan.warmup_s)
+    say(f"warming up ({plan.warmup_s:.0f} s plain + {plan.warmup_s:.0f} s streaming, "
+        f"{plan.connections} connections, reference then gateway)...")  # fmt: skip
+    for endpoint in (reference, proxied):
+        load.run(endpoint, False, plan.connections, plan.warmup_s)
+        load.run(endpoint, True, plan.connections, plan.warmup_s)
     load.run(direct, False, plan.connections, 1)
     after_warmup = world.gateway.rss_mib()
+    results.reference["after_warmup_rss_mib"] = round(world.reference.rss_mib(), 1)
 
     for stream in (False, True):
         kind = "stream" if stream else "plain"
-        say(f"latency, 1 connection, {kind}: {plan.latency_rounds} alternating rounds of "
-            f"{plan.latency_round_s:.0f} s...")  # fmt: skip
-        results.latency[kind] = latency(load, direct, proxied, plan, stream)
+        say(f"latency, 1 connection, {kind}: {plan.latency_rounds} interleaved rounds of "
+            f"{plan.latency_round_s:.0f} s (direct, reference, gateway)...")  # fmt: skip
+        results.latency[kind] = latency(load, endpoints, plan, stream)
     for stream in (False, True):
         kind = "stream" if stream else "plain"
-        say(
-            f"throughput, {plan.connections} connections, {kind}: {plan.throughput_s:.0f} s each..."
-        )
-        results.throughput[kind] = throughput(load, direct, proxied, plan, stream)
+        say(f"throughput, {plan.connections} connections, {kind}: {plan.throughput_s:.0f} s "
+            "each (direct, reference, gateway)...")  # fmt: skip
+        results.throughput[kind] = throughput(load, endpoints, plan, stream)
+    results.reference.update(
+        end_rss_mib=round(world.reference.rss_mib(), 1),
+        peak_hwm_mib=round(world.reference.peak_rss_mib(), 1),
+        pid=world.reference.pid,
+    )
     if plan.rss_requests > 0:
         say(f"RSS run: {plan.rss_requests:,} proxied requests, plain and streaming in turn...")
         results.rss = rss_run(load, world.gateway, proxied, plan, after_warmup)
@@ -642,7 +728,8 @@ def measure(world: World, wrk: str, pinning: Pinning, plan: Plan) -> Results:
 class Row:
     scenario: str
     direct: str
-    proxied: str
+    reference: str
+    proxied: str  # gptload
     delta: str
     target: str
     verdict: str  # PASS, FAIL or "" (informational)
@@ -660,56 +747,96 @@ def build_rows(results: Results, targets: Targets, plan: Plan) -> list[Row]:
     rows: list[Row] = []
     for kind, label in (("plain", "plain"), ("stream", f"stream {EVENTS} ev")):
         lat = results.latency[kind]
-        d, p = lat["direct"], lat["proxied"]
+        d, r, p = lat["direct"], lat["reference"], lat["proxied"]
         ok = errors_ok(p["errors"], p["requests"], targets)
+        # A yardstick that failed requests measures nothing: its comparisons fail too.
+        both_ok = ok and errors_ok(r["errors"], r["requests"], targets)
         for stat in ("p50", "p99", "mean"):
             gated = kind == "plain" and stat == "p50"
             added = lat[f"added_{stat}_ms"]
             result = verdict(ok and added <= targets.added_p50_ms) if gated else ""
             rows.append(Row(
                 f"latency {stat}, 1 conn, {label} (ms)", f"{d[stat + '_ms']:.3f}",
-                f"{p[stat + '_ms']:.3f}", f"{added:+.3f}",
+                f"{r[stat + '_ms']:.3f}", f"{p[stat + '_ms']:.3f}", f"{added:+.3f}",
                 f"added ≤ {targets.added_p50_ms:.1f}" if gated else "",
                 result if ok else "FAIL",
             ))  # fmt: skip
-    for kind, label, goal in (
-        ("plain", "plain", targets.plain_rps),
-        ("stream", f"stream {EVENTS} ev", targets.stream_rps),
+            if stat != "p50":
+                continue
+            over = lat["added_over_reference_p50_ms"]
+            goal = targets.reference_added_p50_ms
+            result = verdict(both_ok and over <= goal) if gated else ""
+            rows.append(Row(
+                f"  added p50, {label}: gptload − reference (ms)", "",
+                f"{lat['reference_added_p50_ms']:+.3f}", f"{lat['added_p50_ms']:+.3f}",
+                f"{over:+.3f}", f"≤ +{goal:.1f}" if gated else "",
+                result if both_ok else "FAIL",
+            ))  # fmt: skip
+    for kind, label, goal, ratio_goal in (
+        ("plain", "plain", targets.plain_rps, targets.reference_plain_ratio),
+        ("stream", f"stream {EVENTS} ev", targets.stream_rps, targets.reference_stream_ratio),
     ):
         t = results.throughput[kind]
-        d, p = t["direct"], t["proxied"]
-        ok = errors_ok(p["errors"], p["requests"], targets) and p["rps"] >= goal
+        d, r, p = t["direct"], t["reference"], t["proxied"]
+        ok = errors_ok(p["errors"], p["requests"], targets)
         rows.append(Row(
-            f"req/s, {plan.connections} conn, {label}", f"{d['rps']:,.0f}", f"{p['rps']:,.0f}",
-            f"{t['ratio']:.1%}" if t["ratio"] else "", f"≥ {goal:,.0f}", verdict(ok),
+            f"req/s, {plan.connections} conn, {label}", f"{d['rps']:,.0f}", f"{r['rps']:,.0f}",
+            f"{p['rps']:,.0f}", f"{t['ratio']:.1%}" if t["ratio"] else "", f"≥ {goal:,.0f}",
+            verdict(ok and p["rps"] >= goal),
         ))  # fmt: skip
-        cpu = p.get("gateway_cpu_ms_per_request")
-        if cpu:
-            rows.append(Row("  gateway CPU per request (ms)", "", f"{cpu:.3f}", "", "", ""))
+        ratio = t["reference_ratio"]
+        both_ok = ok and errors_ok(r["errors"], r["requests"], targets)
+        rows.append(Row(
+            f"  req/s, {label}: gptload ÷ reference", "", f"{r['rps']:,.0f}", f"{p['rps']:,.0f}",
+            f"{ratio:.1%}" if ratio else "", f"≥ {ratio_goal:.0%}",
+            verdict(both_ok and ratio is not None and ratio >= ratio_goal),
+        ))  # fmt: skip
+        ref_cpu, cpu = r.get("server_cpu_ms_per_request"), p.get("server_cpu_ms_per_request")
+        if cpu or ref_cpu:
+            rows.append(Row("  CPU per request (ms)", "", f"{ref_cpu or 0:.3f}",
+                            f"{cpu or 0:.3f}", "", "", ""))  # fmt: skip
     rows.extend(rss_rows(results.rss, targets, plan))
     return rows
 
 
 def rss_rows(rss: dict[str, Any], targets: Targets, plan: Plan) -> list[Row]:
     if not rss:
-        return [Row("worker RSS", "", "skipped", "", "", "")]
+        return [Row("worker RSS", "", "", "skipped", "", "", "")]
     flat = (
         rss["growth_mib"] <= targets.rss_growth_mib
         and rss["requests"] >= plan.rss_requests
         and errors_ok(rss["errors"], rss["requests"], targets)
     )
     return [
-        Row("worker RSS after warm-up / max (MiB)", "",
+        Row("worker RSS after warm-up / max (MiB)", "", "",
             f"{rss['after_warmup_mib']:.1f} / {rss['max_mib']:.1f}", "",
             f"≤ {targets.rss_mib:.0f}", verdict(rss["max_mib"] <= targets.rss_mib)),
-        Row(f"worker RSS over {rss['requests']:,} more req (MiB)", "",
+        Row(f"worker RSS over {rss['requests']:,} more req (MiB)", "", "",
             f"{rss['start_mib']:.1f} → {rss['end_mib']:.1f}", f"{rss['growth_mib']:+.1f}",
             f"≤ +{targets.rss_growth_mib:.0f}", verdict(flat)),
     ]  # fmt: skip
 
 
+def vs_reference(results: Results) -> dict[str, Any]:
+    """gptload as a share of bench/reference.py: the figures the reference targets are on."""
+    out: dict[str, Any] = {}
+    for kind in ("plain", "stream"):
+        lat, t = results.latency[kind], results.throughput[kind]
+        out[kind] = {
+            "rps_ratio": t["reference_ratio"],
+            "reference_rps": t["reference"]["rps"],
+            "gateway_rps": t["proxied"]["rps"],
+            "reference_added_p50_ms": lat["reference_added_p50_ms"],
+            "gateway_added_p50_ms": lat["added_p50_ms"],
+            "added_over_reference_p50_ms": lat["added_over_reference_p50_ms"],
+            "reference_cpu_ms_per_request": t["reference"]["server_cpu_ms_per_request"],
+            "gateway_cpu_ms_per_request": t["proxied"]["server_cpu_ms_per_request"],
+        }
+    return out
+
+
 def print_table(rows: list[Row]) -> None:
-    headers = Row("scenario", "direct", "proxied", "added / ratio", "target", "result")
+    headers = Row("scenario", "direct", "reference", "gptload", "added / ratio", "target", "result")
     table = [headers, *rows]
     widths = [max(len(getattr(r, f)) for r in table) for f in Row.__dataclass_fields__]
     for i, row in enumerate(table):
@@ -847,7 +974,8 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_as_interrupt():
             world = set_up(processes, pinning, args.keys, EVENTS)
             say(f"upstream {world.upstream_url} (pid {world.upstream_pid}); gateway "
-                f"{world.gateway.url} (pid {world.gateway.pid}, worker {world.gateway.worker_pids()})")  # fmt: skip
+                f"{world.gateway.url} (pid {world.gateway.pid}, worker {world.gateway.worker_pids()}); "
+                f"reference {world.reference.url} (pid {world.reference.pid})")  # fmt: skip
             check = sanity_check(world, EVENTS)
             results = measure(world, wrk, pinning, plan)
             rows = build_rows(results, targets, plan)
@@ -873,10 +1001,11 @@ def main(argv: list[str] | None = None) -> int:
         "group": world.seed,
         "sanity": check,
         "table": [asdict(r) for r in rows],
+        "vs_reference": vs_reference(results),
         "results": asdict(results),
     }
     path = save(report, args.json)
-    failed = [r.scenario for r in rows if r.verdict == "FAIL"]
+    failed = [r.scenario.strip() for r in rows if r.verdict == "FAIL"]
     say()
     say(
         f"{pinning.description}; one web worker; wrk -t1, POST {len(json.dumps(PLAIN_BODY))}-byte body."
@@ -897,13 +1026,18 @@ def keep_message(world: World, processes: Processes) -> str:
     return (
         f"\n--keep: servers left running (work dir {world.tmp}):\n"
         f"  upstream {world.upstream_url}  gateway {world.gateway.url} "
-        f"(worker pid {' '.join(map(str, world.gateway.worker_pids()))})\n"
+        f"(worker pid {' '.join(map(str, world.gateway.worker_pids()))})  "
+        f"reference {world.reference.url} (pid {world.reference.pid})\n"
         f"  proxy key {world.proxy_key}\n"
         f"  curl -s {world.gateway.url}/proxy/{GROUP}/v1/chat/completions "
         f"-H 'Authorization: Bearer {world.proxy_key}' -H 'Content-Type: application/json' "
         f"-d '{json.dumps(PLAIN_BODY)}'\n"
         f"  load: BENCH_BODY={world.tmp}/plain.json BENCH_KEY={world.proxy_key} "
         f"wrk -t1 -c32 -d10s -s {WRK_SCRIPT} {world.gateway.url}/proxy/{GROUP}/v1/chat/completions\n"
+        f"  (the reference: the same with {world.reference.url}; it was started as "
+        f"{sys.executable} {BENCH_DIR / 'reference.py'} --port {world.reference.url.rsplit(':', 1)[1]} "
+        f"--upstream {world.upstream_url} --proxy-key {world.proxy_key} "
+        f"--keys-file {world.reference.keys_file})\n"
         f"  gateway environment: {world.tmp}/gateway.env (cd {world.tmp} && "
         f"env $(cat gateway.env) {sys.executable} {ROOT}/manage.py serve)\n"
         f"  stop them: kill {pids}"

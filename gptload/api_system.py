@@ -6,7 +6,7 @@ from django.http import HttpRequest
 from ninja import Field, Router, Schema
 from ninja.responses import Status
 
-from gptload.api import ApiError, Envelope, is_admin_key, ok
+from gptload.lib.api import ApiError, Envelope, is_admin_key, ok
 from gptload.lib.secrets import constant_time_in
 from keys.models import ChannelType, Group
 from settings_app.models import SystemSetting

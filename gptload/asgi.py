@@ -18,7 +18,7 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 
 django_application = get_asgi_application()
 
-from gptload.lifespan import lifespan  # noqa: E402 - needs the apps loaded
+from gptload.lib.lifespan import lifespan  # noqa: E402 - needs the apps loaded
 from proxy.handler import ProxyHandler  # noqa: E402
 
 proxy_application = ProxyHandler()

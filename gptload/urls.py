@@ -5,8 +5,8 @@ from django.urls import path, re_path
 from django.views.generic import RedirectView
 
 from gptload import api_system
-from gptload.api import api, unknown_path
 from gptload.health import health
+from gptload.lib.api import api, unknown_path
 from keys import api_groups, api_keys
 from logs import api as logs_api
 from proxy.api import api as proxy_api

@@ -16,7 +16,7 @@ from django.http import HttpRequest
 from ninja import Field, Router, Schema
 from pydantic import ConfigDict
 
-from gptload.api import MAX_ID, MAX_INT, ApiError, Envelope, not_found, ok
+from gptload.lib.api import MAX_ID, MAX_INT, ApiError, Envelope, not_found, ok
 from keys import groups
 from keys.models import Group, GroupSubGroup
 from keys.validation import canonical_header
@@ -142,19 +142,6 @@ class KeyStatsOut(Schema):
     invalid_keys: int
     cooling_keys: int
     disabled_keys: int
-
-
-class RequestStatsOut(Schema):
-    total_requests: int
-    failed_requests: int
-    failure_rate: float
-
-
-class GroupStatsOut(Schema):
-    key_stats: KeyStatsOut
-    stats_24_hour: RequestStatsOut
-    stats_7_day: RequestStatsOut
-    stats_30_day: RequestStatsOut
 
 
 class CopyIn(Schema):
@@ -334,13 +321,6 @@ def delete_group(request: HttpRequest, group_id: int) -> dict[str, Any]:
     name = group.name
     deleted = groups.delete_group(group)
     return ok({"id": group_id, "name": name, "deleted_keys": deleted})
-
-
-@router.get("/{group_id}/stats", response=Envelope[GroupStatsOut])
-def group_stats(request: HttpRequest, group_id: int) -> dict[str, Any]:
-    """Keys per status and final requests of the last 24 h, 7 and 30 days (current hour
-    included). For an aggregate, `key_stats` counts its members' keys."""
-    return ok(groups.group_stats(get_group(group_id)))
 
 
 @router.post("/{group_id}/copy", response=Envelope[CopyOut])

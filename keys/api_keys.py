@@ -24,7 +24,7 @@ from ninja.errors import ValidationError
 from pydantic import ConfigDict
 from pydantic import ValidationError as PydanticValidationError
 
-from gptload.api import (
+from gptload.lib.api import (
     ERROR_RESPONSE,
     ApiError,
     Envelope,

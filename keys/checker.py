@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import enum
 import threading
 import time
 from collections import defaultdict
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import urlencode
 
 import aiohttp
 import httpx
@@ -42,36 +41,25 @@ from django.db import transaction
 from django.utils import timezone
 
 from gptload.lib.crypto import DecryptionError
-from gptload.lib.secrets import mask
+from gptload.lib.providers import provider_for
+from gptload.lib.providers.base import Outbound, ProbeCall, Provider, parse_error_message
+from gptload.lib.providers.headers import HeaderRules
+from gptload.lib.secrets import mask, mask_in
 from gptload.lib.upstream import upstream_client
-from keys.models import APIKey, ChannelType, Group, KeyStatus
-from proxy.providers import provider_for
-from proxy.providers.base import Outbound, Provider, looks_like_invalid_key, parse_error_message
-from settings_app.models import ConfigVersion, SystemSetting
+from keys.models import APIKey, Group, KeyStatus
+from keys.states import Verdict, after_check, classify
+from settings_app.changes import group_changed
+from settings_app.models import SystemSetting
 
 # True: every group is checked with GPT-Load's generation call (costs tokens per key).
 CHECK_WITH_GENERATION = False
 BATCH = 1000  # keys loaded and stored per round; also the IN-list limit
 ERROR_LIMIT = 2048
-PROBE_TEXT = "hi"
 CLIENT_IP = "127.0.0.1"
-MODEL_LISTS = {
-    ChannelType.OPENAI: "/v1/models",
-    ChannelType.OPENAI_RESPONSE: "/v1/models",
-    ChannelType.ANTHROPIC: "/v1/models?limit=1",
-    ChannelType.GEMINI: "/v1beta/models?pageSize=1",
-}
 
 
 class CheckError(ValueError):
     """A group whose keys cannot be checked (no upstream of its own), or a bad argument."""
-
-
-class Verdict(enum.Enum):
-    VALID = "valid"
-    RATE_LIMITED = "rate_limited"  # 429: the key authenticates, the provider is busy
-    INVALID = "invalid"  # 401/403 or an "invalid key" message: the key itself is bad
-    FAILED = "failed"  # 5xx, other 4xx, timeout, network: says nothing about the key
 
 
 @dataclass(frozen=True)
@@ -82,7 +70,7 @@ class Outcome:
 
     @property
     def is_valid(self) -> bool:
-        return self.verdict in (Verdict.VALID, Verdict.RATE_LIMITED)
+        return self.verdict in (Verdict.OK, Verdict.RATE_LIMITED)
 
 
 # The check request ------------------------------------------------------------------------
@@ -93,20 +81,24 @@ class Probe:
     """One group's check request, ready to carry any of its keys."""
 
     provider: Provider
-    method: str
+    call: ProbeCall
     upstream: str
-    path: str
-    query: tuple[tuple[str, str], ...]
-    body: bytes | None
-    group_name: str
-    header_rules: tuple[dict[str, str], ...]
+    header_rules: HeaderRules
+
+    @property
+    def method(self) -> str:
+        return self.call.method
+
+    @property
+    def body(self) -> bytes | None:
+        return orjson.dumps(self.call.body) if self.call.body is not None else None
 
     def request(self, secret: str) -> tuple[str, dict[str, str]]:
         """The URL and headers of the check of `secret`."""
-        headers = {"content-type": "application/json"} if self.body is not None else {}
-        outbound = Outbound(self.path, list(self.query), headers)
+        headers = {"content-type": "application/json"} if self.call.body is not None else {}
+        outbound = Outbound(self.call.path, list(self.call.query), headers)
         self.provider.inject_key(outbound, secret)
-        apply_header_rules(outbound.headers, self.header_rules, secret, self.group_name)
+        self.header_rules.apply(outbound.headers, secret, CLIENT_IP)
         query = "?" + urlencode(outbound.query) if outbound.query else ""
         return self.upstream + outbound.path + query, outbound.headers
 
@@ -119,79 +111,28 @@ def probe_for(group: Group, *, generation: bool | None = None) -> Probe:
         raise CheckError(
             f"group {group.name!r} has no upstream with a weight above 0 to check keys against"
         )
-    channel = group.channel_type
-    endpoint = "" if channel == ChannelType.GEMINI else group.validation_endpoint
+    provider = provider_for(group.channel_type)
+    endpoint = group.validation_endpoint if provider.takes_validation_endpoint else ""
     if endpoint or (CHECK_WITH_GENERATION if generation is None else generation):
-        method, target, payload = "POST", *generation_call(channel, group.test_model, endpoint)
-        body: bytes | None = orjson.dumps(payload)
+        call = provider.generation_probe(group.test_model, endpoint)
     else:
-        method, target, body = "GET", MODEL_LISTS[ChannelType(channel)], None
-    path, _, query = target.partition("?")
-    return Probe(
-        provider=provider_for(channel),
-        method=method,
-        upstream=str(upstream).rstrip("/"),
-        path=path,
-        query=tuple(parse_qsl(query, keep_blank_values=True)),
-        body=body,
-        group_name=group.name,
-        header_rules=tuple(group.header_rules or ()),
-    )
-
-
-def generation_call(channel: str, model: str, endpoint: str) -> tuple[str, dict[str, Any]]:
-    """GPT-Load's validation request: the path (query kept) and JSON body per channel.
-
-    No output cap for OpenAI: reasoning models refuse `max_tokens` with a 400, which
-    would keep their keys invalid for ever; a one-word answer to "hi" costs next to
-    nothing. Anthropic requires `max_tokens`, and 1 is enough.
-    """
-    hello = [{"role": "user", "content": PROBE_TEXT}]
-    if channel == ChannelType.GEMINI:
-        name = quote(model.removeprefix("models/"), safe="")
-        contents = [{"role": "user", "parts": [{"text": PROBE_TEXT}]}]
-        return f"/v1beta/models/{name}:generateContent", {"contents": contents}
-    if channel == ChannelType.ANTHROPIC:
-        return endpoint or "/v1/messages", {"model": model, "max_tokens": 1, "messages": hello}
-    if channel == ChannelType.OPENAI_RESPONSE:
-        return endpoint or "/v1/responses", {"model": model, "input": PROBE_TEXT}
-    return endpoint or "/v1/chat/completions", {"model": model, "messages": hello}
-
-
-def apply_header_rules(
-    headers: dict[str, str], rules: Sequence[dict[str, str]], secret: str, group_name: str
-) -> None:
-    """The group's header rules, with the variables the proxy offers (client: 127.0.0.1)."""
-    stamp = time.time()
-    variables = {"${CLIENT_IP}": CLIENT_IP, "${GROUP_NAME}": group_name, "${API_KEY}": secret,
-                 "${TIMESTAMP_MS}": str(int(stamp * 1000)), "${TIMESTAMP_S}": str(int(stamp))}  # fmt: skip
-    for rule in rules:
-        name = rule["key"].strip().lower()
-        if rule.get("action", "set") == "remove":
-            headers.pop(name, None)
-            continue
-        value = rule.get("value", "")
-        for variable, replacement in variables.items():
-            value = value.replace(variable, replacement)
-        headers[name] = value
+        call = provider.model_list_probe()
+    rules = HeaderRules(group.header_rules or (), group.name)
+    return Probe(provider, call, str(upstream).rstrip("/"), rules)
 
 
 def judge(status: int, body: bytes) -> tuple[Verdict, str]:
     """What an answer to a check says about the key, and the error to record."""
     if 200 <= status < 300:
-        return Verdict.VALID, ""
+        return Verdict.OK, ""
     message = parse_error_message(body)
     error = f"[status {status}] {message}".strip()
-    if status in (401, 403) or looks_like_invalid_key(message):
-        return Verdict.INVALID, error
-    if status == 429:
-        return Verdict.RATE_LIMITED, f"rate limited, but the key authenticates: {error}"
-    return Verdict.FAILED, error
-
-
-def mask_in(text: str, secret: str) -> str:
-    """`text` with every copy of `secret` masked."""
-    return text.replace(secret, mask(secret)) if secret else text
+    verdict = classify(status, message)
+    if verdict is Verdict.RATE_LIMITED:
+        return verdict, f"rate limited, but the key authenticates: {error}"
+    if verdict is Verdict.OK:  # a 3xx: no answer about the key
+        return Verdict.FAILED, error
+    return verdict, error
 
 
 # Sending ------------------------------------------------------------------------------------
@@ -330,7 +271,7 @@ def validate_keys(
             _check_and_store(group, ids, tally)
     finally:  # stopped by its progress callback or not, what was stored must reach proxies
         if tally.valid or tally.invalid:
-            transaction.on_commit(ConfigVersion.bump)
+            group_changed(group.pk)
     if key_ids is None:
         group.last_validated_at = timezone.now()
         Group.objects.filter(pk=group.pk).update(last_validated_at=group.last_validated_at)
@@ -444,26 +385,9 @@ def _store(results: list[tuple[APIKey, Outcome]], now: datetime) -> None:
     """Writes outcomes in one transaction, one UPDATE per distinct set of changes."""
     batches: dict[tuple[tuple[str, Any], ...], list[int]] = defaultdict(list)
     for key, outcome in results:
-        changes = _changes(key.status, outcome, now)
+        changes = after_check(key.status, outcome.verdict, outcome.error, now)
         if changes:
             batches[tuple(sorted(changes.items()))].append(key.pk)
     with transaction.atomic():
         for changes_items, ids in batches.items():
             APIKey.objects.filter(pk__in=ids).update(**dict(changes_items), updated_at=now)
-
-
-def _changes(status: str, outcome: Outcome, now: datetime) -> dict[str, Any]:
-    verdict = outcome.verdict
-    if status == KeyStatus.DISABLED:
-        return {"last_error": outcome.error}
-    if verdict is Verdict.VALID or (
-        verdict is Verdict.RATE_LIMITED and status == KeyStatus.INVALID
-    ):
-        return {"status": KeyStatus.ACTIVE, "consecutive_failures": 0, "cooling_until": None,
-                "status_changed_at": now, "last_error": ""}  # fmt: skip
-    if verdict is Verdict.RATE_LIMITED:
-        return {}
-    if verdict is Verdict.INVALID:
-        return {"status": KeyStatus.INVALID, "cooling_until": None, "status_changed_at": now,
-                "last_error": outcome.error}  # fmt: skip
-    return {"last_error": outcome.error}

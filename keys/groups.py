@@ -11,18 +11,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta
-from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Count, QuerySet, Sum
+from django.db.models import Count, QuerySet
 from django.utils import timezone
 
-from gptload.api import ApiError
+from gptload.lib.api import ApiError
 from keys.models import APIKey, Group, GroupSubGroup, KeyStatus
-from logs.models import HourlyStat
-from settings_app.models import ConfigVersion
+from settings_app.changes import group_changed
 
 BATCH = 1000
 MAX_COPY_SUFFIX = 1000
@@ -30,16 +27,10 @@ NAME_LIMIT = 100  # validation.GROUP_NAME allows 1-100 characters
 COPY_KEYS_CHOICES = ("none", "valid_only", "all")
 # Cooling keys are good keys that hit a rate limit; "valid" keeps them, as an operator means.
 VALID_STATUSES = (KeyStatus.ACTIVE, KeyStatus.COOLING)
-STAT_WINDOWS = (("stats_24_hour", 24), ("stats_7_day", 7 * 24), ("stats_30_day", 30 * 24))
 
 
 class GroupOperationError(ApiError):
     """A refused group operation; `status` is the HTTP status the API answers with."""
-
-
-def bump_after_commit() -> None:
-    """Reload every proxy after bulk writes, which send no model signals."""
-    transaction.on_commit(ConfigVersion.bump)
 
 
 def endpoint(app_url: str, name: str) -> str:
@@ -94,7 +85,7 @@ def copy_group(source: Group, copy_keys: str = "all") -> Group:
             if copy_keys == "valid_only":
                 keys = keys.filter(status__in=VALID_STATUSES)
             _copy_keys(keys, copy)
-        bump_after_commit()
+        group_changed(copy.pk)  # bulk writes send no model signals
     return copy
 
 
@@ -185,7 +176,7 @@ def reorder(items: Sequence[tuple[int, int]]) -> None:
             raise GroupOperationError(404, "NOT_FOUND", f"group {missing[0]} not found")
         for group_id, sort in items:
             Group.objects.filter(id=group_id).update(sort=sort, updated_at=timezone.now())
-        bump_after_commit()
+            group_changed(group_id)
 
 
 # Aggregate members -----------------------------------------------------------------------
@@ -292,35 +283,3 @@ def key_counts(group_ids: Iterable[int]) -> dict[int, KeyCounts]:
         for group_id, status, n in rows:
             counts[group_id].add(status, n)
     return counts
-
-
-def request_stats(group_id: int, hours: int, now: datetime | None = None) -> dict[str, Any]:
-    """Final requests and failures of the last `hours` hourly buckets, the current included."""
-    now = now or timezone.now()
-    end = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
-    totals = HourlyStat.objects.filter(
-        group_id=group_id, time__gte=end - timedelta(hours=hours), time__lt=end
-    ).aggregate(ok=Sum("success_count"), failed=Sum("failure_count"))
-    failed = int(totals["failed"] or 0)
-    total = int(totals["ok"] or 0) + failed
-    return {
-        "total_requests": total,
-        "failed_requests": failed,
-        "failure_rate": round(failed / total, 4) if total else 0.0,
-    }
-
-
-def group_stats(group: Group) -> dict[str, Any]:
-    """GPT-Load's group stats; an aggregate's key stats are the sum of its members' keys."""
-    if group.is_aggregate:
-        member_ids = list(group.members.values_list("sub_group_id", flat=True))
-    else:
-        member_ids = [group.pk]
-    keys = KeyCounts()
-    for counts in key_counts(member_ids).values():
-        keys.merge(counts)
-    now = timezone.now()
-    stats: dict[str, Any] = {"key_stats": asdict(keys)}
-    for name, hours in STAT_WINDOWS:
-        stats[name] = request_stats(group.pk, hours, now)
-    return stats

@@ -19,6 +19,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
+from celery import current_app
 from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 
@@ -32,6 +33,7 @@ HEARTBEAT_INTERVAL = 15.0  # seconds between writes when progress does not move
 RUNNING_STALE_AFTER = timedelta(minutes=2)
 PENDING_STALE_AFTER = timedelta(hours=1)
 KEEP_FINISHED = 20  # finished jobs kept per group
+RUN_JOB_TASK = "keys.tasks.run_job"
 TASK_TYPES = {JobKind.IMPORT: "KEY_IMPORT", JobKind.DELETE: "KEY_DELETE",
               JobKind.VALIDATE: "KEY_VALIDATION"}  # fmt: skip
 VALIDATABLE = (KeyStatus.ACTIVE, KeyStatus.COOLING, KeyStatus.INVALID)
@@ -125,10 +127,9 @@ def start(
 
 
 def _enqueue(job: KeyJob) -> None:
-    from keys.tasks import run_job
-
     try:
-        run_job.delay(job.pk)
+        # By name: `keys.tasks` is the shell around this module, which never imports it.
+        current_app.send_task(RUN_JOB_TASK, args=[job.pk])
     except Exception as exc:  # the broker: Redis down, a full disk under data/
         log.warning("could not queue key job %s: %s", job.pk, exc, exc_info=True)
         _finish(job.pk, JobStatus.FAILED, error=f"could not be queued: {exc}")

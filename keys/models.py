@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import models
+from django.db.models import F
 from django.utils import timezone
 
 from gptload.lib.crypto import DecryptionError, current_cipher
@@ -189,6 +192,16 @@ class APIKeyQuerySet(models.QuerySet["APIKey"]):
 
     def with_secret(self, group: Group | int, secret: str) -> APIKeyQuerySet:
         return self.filter(group=group, key_hash=current_cipher().hash(secret))
+
+    def count_use(self, counts: Mapping[int, tuple[int, int, float]]) -> None:
+        """Adds `(successes, failures, last used at)` to each key's counters, by key id
+        (the request log's batch writer calls it inside its transaction)."""
+        for key_id, (successes, failures, last) in counts.items():
+            self.filter(pk=key_id).update(
+                request_count=F("request_count") + successes,
+                failure_count=F("failure_count") + failures,
+                last_used_at=datetime.fromtimestamp(last, UTC),
+            )
 
 
 class APIKey(models.Model):

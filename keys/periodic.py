@@ -4,9 +4,8 @@
   `key_validation_interval_minutes` has passed since its last validation gets a
   validation job for its invalid keys (queued for a worker, visible in
   `/api/tasks/status`; a group busy with another job waits for the next round).
-- `expire_cooling`: rate-limited keys whose time is up are stored as active again, so
-  that the admin and the API show what the proxies already do (they put a key back in
-  rotation the moment its cooling ends, without waiting for this).
+- `expire_cooling` (from `keys.states`): rate-limited keys whose time is up are stored as
+  active again.
 """
 
 from __future__ import annotations
@@ -18,7 +17,10 @@ from django.utils import timezone
 
 from keys import jobs
 from keys.models import APIKey, Group, GroupType, JobKind, KeyStatus
+from keys.states import expire_cooling
 from settings_app.models import SystemSetting
+
+__all__ = ["expire_cooling", "validate_due_groups"]
 
 log = logging.getLogger("gptload.jobs")
 
@@ -44,11 +46,3 @@ def validate_due_groups(now: datetime | None = None) -> list[str]:
             continue
         queued.append(group.name)
     return queued
-
-
-def expire_cooling(now: datetime | None = None) -> int:
-    """Stores keys whose cooling has ended as active; returns how many."""
-    now = now or timezone.now()
-    return APIKey.objects.filter(status=KeyStatus.COOLING, cooling_until__lte=now).update(
-        status=KeyStatus.ACTIVE, cooling_until=None, status_changed_at=now
-    )

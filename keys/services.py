@@ -23,7 +23,7 @@ from django.utils import timezone
 
 from gptload.lib.crypto import DecryptionError, current_cipher
 from keys.models import APIKey, Group, KeyStatus
-from settings_app.models import ConfigVersion
+from settings_app.changes import group_changed
 
 T = TypeVar("T")
 BATCH = 1000
@@ -153,7 +153,7 @@ def import_keys(
         done += len(rows)
         report(known + done, len(keys))
     if added:
-        transaction.on_commit(ConfigVersion.bump)
+        group_changed(group.pk)
     return {"added_count": added, "ignored_count": len(keys) - added,
             "total_in_group": count_keys(group)}  # fmt: skip
 
@@ -177,7 +177,7 @@ def delete_keys(
         done += len(chunk)
         report(done, len(keys))
     if deleted:
-        transaction.on_commit(ConfigVersion.bump)
+        group_changed(group.pk)
     return {"deleted_count": deleted, "ignored_count": len(keys) - deleted,
             "total_in_group": count_keys(group)}  # fmt: skip
 
@@ -200,7 +200,7 @@ def restore_keys(group: Group, keys: Sequence[str]) -> dict[str, int]:
                 group=group, key_hash__in=chunk, status=KeyStatus.INVALID
             ).update(**RESTORED, status_changed_at=now, updated_at=now)
     if restored:
-        transaction.on_commit(ConfigVersion.bump)
+        group_changed(group.pk)
     return {"restored_count": restored, "ignored_count": len(keys) - restored,
             "total_in_group": count_keys(group)}  # fmt: skip
 
@@ -215,7 +215,7 @@ def restore_all_invalid(group: Group) -> int:
 
     restored = _in_id_ranges(rows, restore)
     if restored:
-        transaction.on_commit(ConfigVersion.bump)
+        group_changed(group.pk)
     return restored
 
 
@@ -228,7 +228,7 @@ def clear_keys(group: Group, status: str = "all", progress: Progress | None = No
     rows = APIKey.objects.filter(group=group, **status_filter(status))
     deleted = _in_id_ranges(rows, _delete_rows, progress)
     if deleted:
-        transaction.on_commit(ConfigVersion.bump)
+        group_changed(group.pk)
     return deleted
 
 

@@ -26,7 +26,7 @@ from django.utils import timezone
 from ninja import Field, Query, Router, Schema
 from pydantic import field_validator
 
-from gptload.api import (
+from gptload.lib.api import (
     ApiError,
     Envelope,
     Page,
@@ -39,8 +39,10 @@ from gptload.api import (
 )
 from gptload.lib.crypto import Cipher, DecryptionError, current_cipher
 from gptload.lib.secrets import constant_time_in, mask, weakness
+from keys.api_groups import KeyStatsOut, get_group
 from keys.models import APIKey, Group, GroupType, KeyStatus
 from logs.models import HourlyStat, RequestLog, RequestType
+from logs.stats import group_stats as stats_of_group
 from settings_app.models import SystemSetting
 
 router = Router(tags=["logs"])
@@ -428,6 +430,26 @@ def proxy_key_warnings(name: str, key: str) -> list[dict[str, str]]:
                          "suggestion": "Give clients their own proxy keys and keep AUTH_KEY "
                                        "for administrators."})  # fmt: skip
     return warnings
+
+
+class RequestStatsOut(Schema):
+    total_requests: int
+    failed_requests: int
+    failure_rate: float
+
+
+class GroupStatsOut(Schema):
+    key_stats: KeyStatsOut
+    stats_24_hour: RequestStatsOut
+    stats_7_day: RequestStatsOut
+    stats_30_day: RequestStatsOut
+
+
+@router.get("/groups/{group_id}/stats", tags=["groups"], response=Envelope[GroupStatsOut])
+def group_stats(request: HttpRequest, group_id: int) -> dict[str, Any]:
+    """Keys per status and final requests of the last 24 h, 7 and 30 days (current hour
+    included). For an aggregate, `key_stats` counts its members' keys."""
+    return ok(stats_of_group(get_group(group_id)))
 
 
 @router.get("/dashboard/stats", tags=["dashboard"], response=Envelope[DashboardStats])

@@ -8,4 +8,8 @@ class ProxyConfig(AppConfig):
     verbose_name = "Proxy"
 
     def ready(self) -> None:
-        from proxy import runtime  # noqa: F401 - registers the proxy runtime with the lifespan
+        from proxy.runtime import runtime  # registers the proxy runtime with the lifespan
+        from settings_app.changes import config_committed
+
+        # A change made in this process is in force here before its own response returns.
+        config_committed.connect(runtime.on_committed, dispatch_uid="proxy-catch-up")

@@ -31,6 +31,8 @@ from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 from django.urls import set_script_prefix, set_urlconf
 
+from proxy.pipeline import ProxyResponse
+
 log = logging.getLogger("gptload.proxy")
 TIMEOUT_BODY = b'{"error":{"message":"Request body not received in time.","type":"timeout"}}'
 
@@ -40,7 +42,14 @@ class ProxyHandler(ASGIHandler):
         self._view_middleware: list[Any] = []
         self._template_response_middleware: list[Any] = []
         self._exception_middleware: list[Any] = []
-        self._middleware_chain = convert_exception_to_response(self._get_response_async)  # type: ignore[attr-defined]
+        chain = convert_exception_to_response(self._get_response_async)  # type: ignore[attr-defined]
+        if settings.ENABLE_CORS:
+            # The one middleware here, async-native: CORS exactly as configured for the
+            # rest of the site, and preflights answered before any proxy key is asked for.
+            from corsheaders.middleware import CorsMiddleware
+
+            chain = convert_exception_to_response(CorsMiddleware(chain))  # type: ignore[arg-type]
+        self._middleware_chain = chain
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         await self.handle(scope, receive, send)
@@ -91,6 +100,25 @@ class ProxyHandler(ASGIHandler):
             if relay is not None:
                 await relay.aclose()
             body_file.close()
+
+    async def send_response(self, response: HttpResponseBase, send: Any) -> None:
+        """The proxy's own answers go out as they are: the upstream's raw headers, the body
+        whole or chunk by chunk, and no thread hop to close them (nothing to close)."""
+        if not isinstance(response, ProxyResponse):
+            await super().send_response(response, send)
+            return
+        headers = response.raw_headers
+        if response.headers:  # set by a middleware (CORS)
+            headers = headers + [(k.lower().encode("latin-1"), v.encode("latin-1"))
+                                 for k, v in response.headers.items()]  # fmt: skip
+        await send({"type": "http.response.start", "status": response.status_code,
+                    "headers": headers})  # fmt: skip
+        if response.relay is None:
+            await send({"type": "http.response.body", "body": response.body})
+            return
+        async for chunk in response.relay:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
 
 
 class BoundedSend:

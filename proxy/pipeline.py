@@ -1,46 +1,55 @@
 """The proxied request, top to bottom: resolve group → authenticate → choose key and
-upstream → build the upstream request → send → stream back → report the key's outcome
-→ record the attempt."""
+upstream → build the upstream request → send → answer or stream back → end the attempt
+(its key's state and its log row, in one place: `Attempt.end`).
+
+Upstream bytes pass through as they come: never decoded on their way (a decoded copy is
+read for token usage), so the client gets exactly the body its headers describe.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
-from typing import Any, AnyStr
-from urllib.parse import parse_qsl, urlencode
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode
 
-import httpx
+import aiohttp
 import orjson
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import HttpRequest
 from django.http.response import HttpResponseBase
+from multidict import CIMultiDictProxy
+from yarl import URL
 
-from gptload.lib.secrets import constant_time_in, mask
-from keys.models import KeyStatus
+from gptload.lib.providers.base import Outbound, Provider, Usage, parse_error_message
+from gptload.lib.providers.headers import (
+    CLIENT_CREDENTIALS,
+    HOP_BY_HOP,
+    SERVER_OWNED,
+    connection_tokens,
+)
+from gptload.lib.providers.openai import OpenAIProvider
+from gptload.lib.secrets import mask_in
+from keys.states import DEFAULT_COOLDOWN, KeyEntry, Verdict, classify, cooldown_of, key_states
+from logs.writer import LogEntry
 from proxy import modellist
-from proxy.providers.base import Outbound, Provider, looks_like_invalid_key, parse_error_message
-from proxy.providers.openai import OpenAIProvider
-from proxy.recorder import Entry, recorder
-from proxy.runtime import now, runtime
-from proxy.snapshot import GroupView, KeyEntry, Snapshot
-from proxy.usage import UsageTap
+from proxy.recorder import recorder
+from proxy.runtime import runtime
+from proxy.snapshot import GroupView, Snapshot, digest
+from proxy.usage import UsageTap, decode_whole
 
 log = logging.getLogger("gptload.proxy")
-DEFAULT_COOLDOWN = 60.0
-THROTTLE_WINDOW = 10.0  # seconds in which 429s from most of a pool mean the caller is throttled
-THROTTLE_MIN_KEYS = 3
-CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                        "trailer", "transfer-encoding", "upgrade", "host", "content-length"})  # fmt: skip
-READABLE_ENCODINGS = ("gzip", "deflate", "identity")
-DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-DURATION_SCALE = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 DEFAULT_PROVIDER = OpenAIProvider()
+UNREACHABLE = (aiohttp.ClientError, TimeoutError, OSError)
+# Never sent on to the client: the connection's own, and what the answering server sets.
+NOT_RELAYED = HOP_BY_HOP | SERVER_OWNED
+NOT_RELAYED_RAW = frozenset(name.encode() for name in NOT_RELAYED)
+STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+STREAM_HEADER_NAMES = frozenset(name for name, _ in STREAM_HEADERS)
+PATH_SAFE = "/:@!$&'()*+,;=~"
 
 
 class ProxyError(Exception):
@@ -52,15 +61,33 @@ class ProxyError(Exception):
         super().__init__(message)
         self.status, self.message, self.kind, self.retry_after = status, message, kind, retry_after
 
-    def response(self, provider: Provider) -> HttpResponse:
-        response = HttpResponse(
-            provider.error_body(self.status, self.message, self.kind),
-            status=self.status,
-            content_type="application/json",
-        )
+    def response(self, provider: Provider) -> ProxyResponse:
+        headers = [(b"content-type", b"application/json")]
         if self.retry_after is not None:
-            response["Retry-After"] = str(max(1, round(self.retry_after)))
-        return response
+            headers.append((b"retry-after", str(max(1, round(self.retry_after))).encode()))
+        return ProxyResponse(self.status, headers, provider.error_body(self.status, self.message,
+                                                                       self.kind))  # fmt: skip
+
+
+class ProxyResponse(HttpResponseBase):
+    """An answer that the proxy's ASGI handler sends as it is: raw header pairs (plus any
+    a middleware set), and the body whole (with its length) or as chunks from a `Relay`."""
+
+    def __init__(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes = b"",
+        relay: Relay | None = None,
+    ) -> None:
+        super().__init__(status=status)
+        del self.headers["Content-Type"]  # the upstream's own, in `raw_headers`
+        if relay is None:
+            headers.append((b"content-length", str(len(body)).encode()))
+        self.raw_headers = headers
+        self.body = body
+        self.relay = relay
+        self.streaming = relay is not None
 
 
 class Limiter:
@@ -86,6 +113,9 @@ class Limiter:
 limiter = Limiter()
 
 
+# The request ---------------------------------------------------------------------------------
+
+
 @dataclass
 class Target:
     """The call as prepared for one standard group (its redirects and overrides applied)."""
@@ -102,28 +132,37 @@ class Target:
 class Call:
     """One client request as it moves through the pipeline."""
 
-    entry: GroupView  # the group named in the URL, perhaps an aggregate
     method: str
-    path: str
+    path: str  # percent-encoded, as sent
     query: list[tuple[str, str]]
-    headers: dict[str, str]
+    headers: dict[str, str]  # what goes upstream: lower-case names, no credential
+    credential: str
     body: bytes
     json: dict[str, Any] | None
     started: float
     client_ip: str
-    request_path: str
     user_agent: str
+    entry: GroupView | None = None  # the group named in the URL, perhaps an aggregate
+    waited: float = 0.0  # seconds spent waiting on upstreams
     tried: set[int] = field(default_factory=set)
     members_tried: set[int] = field(default_factory=set)
     targets: dict[int, Target] = field(default_factory=dict)
+    held: LogEntry | None = None  # a failed attempt's row, until we know if it was the last
+
+    @property
+    def request_path(self) -> str:
+        name = self.entry.name if self.entry else "?"
+        shown = ("?" + urlencode(self.query)) if self.query else ""
+        return f"/proxy/{name}{self.path}{shown}"
 
     def target(self, group: GroupView) -> Target:
         if group.id not in self.targets:
             try:
                 self.targets[group.id] = prepare(self, group)
             except ProxyError as refusal:
-                self.record(self.unprepared(group), None, refusal.status, final=True,
-                            error=refusal.message)  # fmt: skip
+                Attempt(self, self.unprepared(group), None, "").end(
+                    refusal.status, error=refusal.message
+                )
                 raise
         return self.targets[group.id]
 
@@ -135,103 +174,44 @@ class Call:
         model = group.provider.model_of(self.path, self.json)
         return Target(group, self.path, self.body, model, False, False)
 
-    def elapsed_ms(self) -> int:
-        return int((time.perf_counter() - self.started) * 1000)
+    def settle(self, final: bool) -> None:
+        """Logs the held row of a failed attempt: a retry if another attempt follows."""
+        if self.held is not None:
+            self.held.final = final
+            recorder.record(self.held)
+            self.held = None
 
-    def record(self, target: Target, key: KeyEntry | None, status: int, *, final: bool,
-               error: str = "", upstream: str = "", usage: Any = None) -> None:  # fmt: skip
-        group = target.group
-        parent = self.entry if self.entry is not group else None
-        entry = Entry(
-            timestamp=time.time(), group_id=group.id, group_name=group.name,
-            parent_group_id=parent.id if parent else None,
-            parent_group_name=parent.name if parent else "",
-            key_id=key.id if key else None, key_stored=key.stored if key else "",
-            key_hash=key.hash if key else "", model=target.model, status=status,
-            error=error, final=final, duration_ms=self.elapsed_ms(), source_ip=self.client_ip,
-            request_path=self.request_path, upstream=upstream, stream=target.stream, usage=usage,
-        )  # fmt: skip
-        if group.settings["enable_request_body_logging"]:
-            entry.user_agent = self.user_agent
-            entry.request_body = target.body.decode(errors="replace")
-        recorder.record(entry)
+    def overhead_ms(self) -> float:
+        return max(0.0, (time.perf_counter() - self.started - self.waited) * 1000)
 
 
-async def proxy(request: HttpRequest, group_name: str, path: str) -> HttpResponseBase:
-    started = time.perf_counter()
-    snapshot = await runtime.current()
-    recorder.configure(snapshot.system["request_log_write_interval_minutes"])
-    group = snapshot.groups.get(group_name)
-    provider = group.provider if group else DEFAULT_PROVIDER
-    response: HttpResponseBase
-    streaming = False
-    try:
-        limiter.enter()
-    except ProxyError as error:
-        return stamp(error.response(provider), started)
-    try:
-        call = start_call(request, authorize(request, snapshot, group, group_name), path, started)
-        response = await forward(call)
-        streaming = response.streaming
-    except ProxyError as error:
-        response = error.response(provider)
-    except Exception:  # a bug of ours must still answer in the caller's format
-        log.exception("proxy request to group %r failed", group_name)
-        failure = ProxyError(500, "gptload failed to handle this request.", "internal_error")
-        response = failure.response(provider)
-    finally:
-        if not streaming:
-            limiter.leave()
-    return stamp(response, started)
-
-
-def stamp(response: HttpResponseBase, started: float) -> HttpResponseBase:
-    response["X-Gptload-Overhead-Ms"] = f"{(time.perf_counter() - started) * 1000:.2f}"
-    return response
-
-
-def credential_of(request: HttpRequest) -> str:
-    query_key = request.GET.get("key")
+def start_call(request: HttpRequest, path: str, started: float) -> Call:
+    scope = request.scope  # type: ignore[attr-defined]
+    headers: dict[str, str] = {}
+    credential = ""
+    bearer = ""
+    drop: set[str] = set()
+    for raw_name, raw_value in scope["headers"]:
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        if name in CLIENT_CREDENTIALS:
+            if name == "authorization":
+                bearer = value[7:].strip() if value[:7].lower() == "bearer " else ""
+            elif not credential:
+                credential = value
+            continue
+        if name in HOP_BY_HOP:
+            if name == "connection":
+                drop |= connection_tokens(value)
+            continue
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    for name in drop:
+        headers.pop(name, None)
+    query_string = scope.get("query_string", b"").decode("latin-1")
+    query = parse_qsl(query_string, keep_blank_values=True) if query_string else []
+    query_key = next((v for k, v in query if k == "key"), "")
     if query_key:
-        return query_key
-    auth = request.headers.get("Authorization", "")
-    if auth.startswith("Bearer "):
-        return auth[7:].strip()
-    return request.headers.get("X-Api-Key") or request.headers.get("X-Goog-Api-Key") or ""
-
-
-def authorize(
-    request: HttpRequest, snapshot: Snapshot, group: GroupView | None, name: str
-) -> GroupView:
-    credential = credential_of(request)
-    if not credential:
-        raise ProxyError(
-            401,
-            "Missing proxy key: send it as Authorization: Bearer, x-api-key, x-goog-api-key or ?key=.",
-            "authentication_error",
-        )
-    if group is None:
-        raise ProxyError(404, f"No group named {name!r}.", "not_found_error")
-    if not constant_time_in(credential, group.proxy_keys + snapshot.global_proxy_keys):
-        raise ProxyError(401, "Invalid proxy key.", "authentication_error")
-    if not group.enabled:
-        raise ProxyError(403, f"Group {name!r} is disabled.", "permission_error")
-    return group
-
-
-def start_call(request: HttpRequest, group: GroupView, path: str, started: float) -> Call:
-    query = [
-        (k, v)
-        for k, v in parse_qsl(request.META.get("QUERY_STRING", ""), keep_blank_values=True)
-        if k != "key"
-    ]
-    headers = {
-        k.lower(): v
-        for k, v in request.headers.items()
-        if k.lower() not in HOP_BY_HOP and k.lower() not in CREDENTIAL_HEADERS
-    }
-    if "accept-encoding" in headers:  # only what gptload can read usage from
-        headers["accept-encoding"] = readable_encodings(headers["accept-encoding"])
+        query = [(k, v) for k, v in query if k != "key"]
     body = request.body
     data: dict[str, Any] | None = None
     if body[:1] == b"{":
@@ -240,14 +220,98 @@ def start_call(request: HttpRequest, group: GroupView, path: str, started: float
             data = parsed if isinstance(parsed, dict) else None
         except orjson.JSONDecodeError:
             data = None
-    path = "/" + path.lstrip("/")
-    shown_query = ("?" + urlencode(query)) if query else ""
     return Call(
-        entry=group, method=request.method or "GET", path=path, query=query, headers=headers,
-        body=body, json=data, started=started, client_ip=client_ip(request),
-        request_path=f"/proxy/{group.name}{path}{shown_query}",
-        user_agent=request.headers.get("User-Agent", ""),
+        method=request.method or "GET", path=raw_path(scope, path), query=query, headers=headers,
+        credential=query_key or bearer or credential, body=body, json=data, started=started,
+        client_ip=client_ip(headers, scope), user_agent=headers.get("user-agent", ""),
     )  # fmt: skip
+
+
+def raw_path(scope: dict[str, Any], path: str) -> str:
+    """The path after `/proxy/{group}` as the client encoded it (an encoded `?` or `/`
+    stays encoded); dot segments are refused rather than resolved."""
+    raw = scope.get("raw_path")
+    if raw:
+        parts = raw.split(b"?", 1)[0].split(b"/", 3)
+        encoded = "/" + (parts[3].decode("latin-1") if len(parts) > 3 else "")
+    else:
+        encoded = "/" + quote(path.lstrip("/"), safe=PATH_SAFE)
+    if "/." in encoded or "%2e" in encoded.lower():
+        segments = [quote_free(s) for s in encoded.split("/")]
+        if "." in segments or ".." in segments:
+            raise ProxyError(400, "The path may not contain '.' or '..' segments.",
+                             "invalid_request_error")  # fmt: skip
+    return encoded
+
+
+def quote_free(segment: str) -> str:
+    from urllib.parse import unquote
+
+    return unquote(segment)
+
+
+def client_ip(headers: dict[str, str], scope: dict[str, Any]) -> str:
+    forwarded = headers.get("x-forwarded-for", "")
+    if forwarded:
+        return forwarded.split(",")[0].strip()
+    client = scope.get("client")
+    return headers.get("x-real-ip") or (str(client[0]) if client else "")
+
+
+async def proxy(request: HttpRequest, group_name: str, path: str) -> HttpResponseBase:
+    started = time.perf_counter()
+    snapshot = runtime.snapshot or await runtime.current()
+    recorder.configure(snapshot.system["request_log_write_interval_minutes"])
+    group = snapshot.groups.get(group_name)
+    provider = group.provider if group else DEFAULT_PROVIDER
+    response: ProxyResponse
+    try:
+        limiter.enter()
+    except ProxyError as error:
+        return error.response(provider)
+    call = None
+    relaying = False
+    try:
+        call = start_call(request, path, started)
+        call.entry = await authorize(call, snapshot, group_name)
+        response = await forward(call)
+    except ProxyError as error:
+        response = error.response(call.entry.provider if call and call.entry else provider)
+    except Exception:  # a bug of ours must still answer in the caller's format
+        log.exception("proxy request to group %r failed", group_name)
+        failure = ProxyError(500, "gptload failed to handle this request.", "internal_error")
+        response = failure.response(provider)
+    else:
+        relaying = response.relay is not None  # the relay gives the slot back when it ends
+    finally:
+        if not relaying:
+            limiter.leave()
+    overhead = call.overhead_ms() if call else (time.perf_counter() - started) * 1000
+    response.raw_headers.append((b"x-gptload-overhead-ms", f"{overhead:.2f}".encode()))
+    return response
+
+
+async def authorize(call: Call, snapshot: Snapshot, name: str) -> GroupView:
+    """The group named in the URL, if the call's key opens it. A miss (no such group, a
+    key not known) looks at the configuration version once: it may have just changed."""
+    if not call.credential:
+        raise ProxyError(
+            401,
+            "Missing proxy key: send it as Authorization: Bearer, x-api-key, x-goog-api-key or ?key=.",
+            "authentication_error",
+        )
+    secret = digest(call.credential)
+    group = snapshot.groups.get(name)
+    if group is None or not (secret in group.proxy_keys or secret in snapshot.global_keys):
+        snapshot = await runtime.refresh()
+        group = snapshot.groups.get(name)
+    if group is None:
+        raise ProxyError(404, f"No group named {name!r}.", "not_found_error")
+    if not (secret in group.proxy_keys or secret in snapshot.global_keys):
+        raise ProxyError(401, "Invalid proxy key.", "authentication_error")
+    if not group.enabled:
+        raise ProxyError(403, f"Group {name!r} is disabled.", "permission_error")
+    return group
 
 
 def prepare(call: Call, group: GroupView) -> Target:
@@ -281,114 +345,347 @@ def prepare(call: Call, group: GroupView) -> Target:
     return Target(group, path, body, model, stream, strip)
 
 
+# Attempts ------------------------------------------------------------------------------------
+
+
+class Attempt:
+    """One try of a call on one key; `end()` is the only place its outcome goes."""
+
+    def __init__(self, call: Call, target: Target, key: KeyEntry | None, url: str) -> None:
+        self.call, self.target, self.key, self.url = call, target, key, url
+        self.failure: ProxyResponse | None = None  # the answer if no other attempt follows
+
+    def end(
+        self,
+        status: int,
+        *,
+        verdict: Verdict | None = None,
+        error: str = "",
+        usage: Usage | None = None,
+        cooldown: float = DEFAULT_COOLDOWN,
+        blameless: bool = False,
+        failover: bool = False,
+        unanswered: bool = False,
+    ) -> None:
+        """Applies `verdict` to the key (None: it says nothing about the key), then logs
+        the attempt; a `failover` row waits for `Call.settle` (retry or final).
+        `unanswered`: the upstream gave no status of its own (a network error)."""
+        group, key = self.target.group, self.key
+        if key is not None and verdict is not None:
+            if verdict is Verdict.OK:
+                key_states.succeeded(key)
+            else:
+                reason = error if unanswered else f"[status {status}] {error}".strip()
+                key_states.failed(group.pool, key, verdict, reason, threshold=group.threshold,
+                                  cooldown=cooldown)  # fmt: skip
+        call = self.call
+        parent = call.entry if call.entry is not group else None
+        entry = LogEntry(
+            timestamp=time.time(), group_id=group.id, group_name=group.name,
+            parent_group_id=parent.id if parent else None,
+            parent_group_name=parent.name if parent else "",
+            key_id=key.id if key else None, key_stored=key.stored if key else "",
+            key_hash=key.hash if key else "", model=self.target.model, status=status,
+            error=error, final=not failover,
+            duration_ms=int((time.perf_counter() - call.started) * 1000),
+            source_ip=call.client_ip, request_path=call.request_path, upstream=self.url,
+            stream=self.target.stream, usage=usage, blameless=blameless,
+        )  # fmt: skip
+        if group.log_bodies:
+            entry.user_agent = call.user_agent
+            entry.request_body = self.target.body.decode(errors="replace")
+        if failover:
+            call.held = entry
+        else:
+            recorder.record(entry)
+
+
 def choose(call: Call, at: float) -> tuple[Target, KeyEntry] | None:
     """The next key to try (and, for an aggregate, the member it belongs to)."""
     entry = call.entry
+    assert entry is not None  # noqa: S101 - set by authorize()
     if not entry.is_aggregate:
-        if entry.backoff_until > at:
+        if entry.pool.backoff_until > at:
             return None
-        key = entry.ring.pick(at, call.tried)
+        key = entry.pool.pick(at, call.tried)
         return (call.target(entry), key) if key else None
 
     def untried(member: GroupView) -> bool:
         return member.id not in call.members_tried and usable(member)
 
     def usable(member: GroupView) -> bool:
-        return member.enabled and member.backoff_until <= at and member.ring.has_usable(at)
+        return member.enabled and member.pool.backoff_until <= at and member.pool.has_usable(at)
 
     member = entry.members.pick(untried) or entry.members.pick(usable)
     if member is None:
         return None
-    key = member.ring.pick(at, call.tried)
+    key = member.pool.pick(at, call.tried)
     if key is None:
         return None
     call.members_tried.add(member.id)
     return call.target(member), key
 
 
-@dataclass
-class Failed:
-    """An attempt that failed over: logged as a retry if another follows, else final."""
-
-    target: Target
-    key: KeyEntry
-    response: HttpResponse
-    url: str
-    error: str
-
-    def record(self, call: Call, final: bool) -> None:
-        call.record(self.target, self.key, self.response.status_code, final=final,
-                    error=self.error, upstream=self.url)  # fmt: skip
-
-
-async def forward(call: Call) -> HttpResponseBase:
-    last: Failed | None = None
-    for _ in range(int(call.entry.settings["max_retries"]) + 1):
-        chosen = choose(call, now())
+async def forward(call: Call) -> ProxyResponse:
+    entry = call.entry
+    assert entry is not None  # noqa: S101 - set by authorize()
+    failed: ProxyResponse | None = None
+    refreshed = False
+    for _ in range(entry.attempts):
+        chosen = choose(call, time.time())
+        if chosen is None and failed is None and not refreshed:
+            # Nothing usable: keys may have been added a moment ago, on another node.
+            refreshed = True
+            snapshot = await runtime.refresh()
+            call.entry = entry = snapshot.groups.get(entry.name, entry)
+            chosen = choose(call, time.time())
         if chosen is None:
             break
-        if last is not None:
-            last.record(call, final=False)
+        call.settle(final=False)
         target, key = chosen
-        group = target.group
         call.tried.add(key.id)
-        upstream = group.upstreams.pick()
-        url = upstream + target.path
-        try:
-            response = await send(call, target, key, upstream)
-        except httpx.TransportError as exc:
-            error = f"{type(exc).__name__}: {mask_in(str(exc), key.secret)}"
-            note_failure(group, key, error)
-            body = group.provider.error_body(
-                502, f"Upstream unreachable: {error}", "upstream_error"
-            )
-            last = Failed(target, key, HttpResponse(body, status=502, content_type="application/json"),
-                          url, error)  # fmt: skip
-            continue
-        except asyncio.CancelledError:
-            call.record(target, key, 499, final=True, error="client disconnected", upstream=url)
-            raise
-        status = response.status_code
-        rejected = status == 400 and status not in group.failover_codes
-        if status in group.failover_codes or rejected:
-            try:
-                body = await response.aread()
-            finally:
-                await response.aclose()
-            if rejected and not looks_like_invalid_key(parse_error_message(body)):
-                # The client's mistake (Gemini says "bad key" with 400 too: that one retries).
-                call.record(target, key, status, final=True, error=parse_error_message(body),
-                            upstream=url)  # fmt: skip
-                return buffered(response, body)
-            error = judge_failure(group, key, status, response.headers, body)
-            content_type = response.headers.get("content-type", "application/json")
-            failed = HttpResponse(mask_in(body, key.secret.encode()), status=status,
-                                  content_type=content_type)  # fmt: skip
-            last = Failed(target, key, failed, url, error)
-            continue
-        if status < 400:
-            note_success(key)
-        if modellist.is_model_list(call.method, target.path) and (group.redirects or group.strict):
-            return await model_list(call, target, key, response, url)
-        if target.stream or "text/event-stream" in response.headers.get("content-type", ""):
-            return relay(call, target, key, response, url)
-        return await answer(call, target, key, response, url)
-    if last is not None:
-        last.record(call, final=True)
-        return last.response
+        base = target.group.upstreams.pick()
+        attempt = Attempt(call, target, key, base + target.path)
+        answer = await try_once(attempt, base)
+        if answer is not None:
+            return answer
+        failed = attempt.failure
+    call.settle(final=True)
+    if failed is not None:
+        return failed
     raise no_key_error(call)
 
 
-def buffered(upstream: httpx.Response, body: bytes) -> HttpResponse:
-    headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-    return HttpResponse(body, status=upstream.status_code, headers=headers)
+async def try_once(attempt: Attempt, base: str) -> ProxyResponse | None:
+    """One attempt: the answer to give the client, or None to fail over (`attempt.failure`
+    then holds the answer to give if no other attempt follows)."""
+    call, target, key = attempt.call, attempt.target, attempt.key
+    assert key is not None  # noqa: S101 - attempts always carry a key
+    group = target.group
+    sent = time.perf_counter()
+    try:
+        upstream = await send(call, target, key, base)
+    except UNREACHABLE as exc:
+        call.waited += time.perf_counter() - sent
+        error = f"{type(exc).__name__}: {mask_in(str(exc), key.secret)}".rstrip(": ")
+        attempt.end(502, verdict=Verdict.FAILED, error=error, failover=True, unanswered=True)
+        body = group.provider.error_body(502, f"Upstream unreachable: {error}", "upstream_error")
+        attempt.failure = ProxyResponse(502, [(b"content-type", b"application/json")], body)
+        return None
+    except asyncio.CancelledError:
+        attempt.end(499, error="client disconnected", blameless=True)
+        raise
+    call.waited += time.perf_counter() - sent
+    status = upstream.status
+    if status in group.failover_codes or status == 400:
+        return await refused(attempt, upstream)
+    if modellist.is_model_list(call.method, target.path) and (group.redirects or group.strict):
+        return await model_list(attempt, upstream)
+    if target.stream or "text/event-stream" in upstream.headers.get("content-type", ""):
+        relay = Relay(attempt, upstream)
+        headers = relay_headers(upstream)
+        if target.stream:  # ours, for proxies between gptload and the client
+            headers = [h for h in headers if h[0] not in STREAM_HEADER_NAMES] + STREAM_HEADERS
+        return ProxyResponse(status, headers, relay=relay)
+    return await answer(attempt, upstream)
+
+
+async def send(call: Call, target: Target, key: KeyEntry, base: str) -> aiohttp.ClientResponse:
+    group = target.group
+    outbound = Outbound(target.path, call.query, dict(call.headers))
+    group.provider.inject_key(outbound, key.secret)
+    if target.strip_usage:
+        outbound.headers["accept-encoding"] = "identity"  # events are cut out of this one
+    if group.header_rules:
+        group.header_rules.apply(outbound.headers, key.secret, call.client_ip)
+    query = ("?" + urlencode(outbound.query)) if outbound.query else ""
+    url = URL(base + outbound.path + query, encoded=True)
+    upstream = runtime.upstream(group)
+    return await upstream.session.request(
+        call.method, url, headers=outbound.headers, data=target.body or None,
+        timeout=group.stream_timeout if target.stream else group.timeout,
+        proxy=upstream.proxy, proxy_headers=upstream.proxy_headers, allow_redirects=False,
+    )  # fmt: skip
+
+
+def relay_headers(upstream: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+    """The upstream's headers as the client gets them: hop-by-hop ones (and those its
+    `Connection` names), `date`, `server` and `content-length` left out."""
+    connection = upstream.headers.get("connection", "")
+    drop = {t.encode() for t in connection_tokens(connection)} if connection else set()
+    return [
+        (name, value)
+        for raw_name, value in upstream.raw_headers
+        if (name := raw_name.lower()) not in NOT_RELAYED_RAW and name not in drop
+    ]
+
+
+async def read_body(attempt: Attempt, upstream: aiohttp.ClientResponse) -> bytes | None:
+    """The whole raw body (None: the upstream broke off, and the attempt is ended)."""
+    call, key = attempt.call, attempt.key
+    assert key is not None  # noqa: S101
+    sent = time.perf_counter()
+    try:
+        return await upstream.read()
+    except UNREACHABLE as exc:
+        error = f"upstream broke off: {type(exc).__name__}: {mask_in(str(exc), key.secret)}"
+        attempt.end(502, verdict=Verdict.FAILED, error=error, unanswered=True)
+        raise ProxyError(502, error, "upstream_error") from None
+    except asyncio.CancelledError:
+        attempt.end(499, error="client disconnected", blameless=True)
+        raise
+    finally:
+        call.waited += time.perf_counter() - sent
+        upstream.release()
+
+
+async def refused(attempt: Attempt, upstream: aiohttp.ClientResponse) -> ProxyResponse | None:
+    """A failover status (or a 400): fail over, unless it is the client's own mistake."""
+    target, key = attempt.target, attempt.key
+    assert key is not None  # noqa: S101
+    group = target.group
+    raw = await read_body(attempt, upstream)
+    assert raw is not None  # noqa: S101
+    encoding = upstream.headers.get("content-encoding", "")
+    message = mask_in(parse_error_message(decode_whole(raw, encoding) or b""), key.secret)
+    status = upstream.status
+    verdict = classify(status, message)
+    headers = relay_headers(upstream)
+    body = mask_in(raw, key.secret) if raw else raw
+    response = ProxyResponse(status, headers, body)
+    if status not in group.failover_codes and verdict is not Verdict.INVALID:
+        # The client's mistake (Gemini says "bad key" with 400 too: that one retries).
+        attempt.end(status, verdict=verdict, error=message)
+        return response
+    attempt.end(status, verdict=verdict, error=message, cooldown=cooldown_of(upstream.headers),
+                failover=True)  # fmt: skip
+    attempt.failure = response
+    return None
+
+
+async def answer(attempt: Attempt, upstream: aiohttp.ClientResponse) -> ProxyResponse:
+    """A plain (non-stream) answer: read whole, then sent with its length in one piece.
+
+    Cheaper than relaying it chunk by chunk, and the client loses nothing: it could not
+    use a JSON body before its last byte anyway.
+    """
+    target = attempt.target
+    raw = await read_body(attempt, upstream)
+    assert raw is not None  # noqa: S101
+    status = upstream.status
+    encoding = upstream.headers.get("content-encoding", "")
+    tap = UsageTap(target.group.provider, False, encoding, strip=False)
+    tap.feed(raw)
+    tap.finish()
+    error = parse_error_message(tap.body_text()) if status >= 400 else ""
+    if attempt.key is not None and error:
+        error = mask_in(error, attempt.key.secret)
+    attempt.end(status, verdict=classify(status, error), error=error, usage=tap.usage,
+                cooldown=cooldown_of(upstream.headers))  # fmt: skip
+    headers = relay_headers(upstream)
+    return ProxyResponse(status, headers, raw)
+
+
+async def model_list(attempt: Attempt, upstream: aiohttp.ClientResponse) -> ProxyResponse:
+    """Buffers the upstream's model list and answers it with the group's rules applied."""
+    call, target = attempt.call, attempt.target
+    raw = await read_body(attempt, upstream)
+    assert raw is not None  # noqa: S101
+    group = target.group
+    status = upstream.status
+    rewritten = None
+    if status < 400:
+        plain = decode_whole(raw, upstream.headers.get("content-encoding", ""))
+        first_page = not any(k == "pageToken" for k, _ in call.query)
+        if plain is not None:
+            rewritten = modellist.rewrite(plain, list(group.redirects), group.strict, first_page)
+    attempt.end(status, verdict=classify(status))
+    if rewritten is None:
+        headers = relay_headers(upstream)
+        return ProxyResponse(status, headers, raw)
+    return ProxyResponse(200, [(b"content-type", b"application/json")], rewritten)
+
+
+class Relay:
+    """The upstream body on its way to the client; the attempt ends when it does.
+
+    How a stream ends decides what is logged: the provider's last event relayed, then
+    the client or the upstream closing, is a success; a client that leaves before it is
+    a 499; an upstream that stops before it is a truncated stream (an error, but not the
+    key's fault). `aclose()` (called by the proxy's ASGI handler after every response)
+    ends a relay whose body never started, as when the client left before the first byte.
+    """
+
+    def __init__(self, attempt: Attempt, upstream: aiohttp.ClientResponse) -> None:
+        self.attempt, self.upstream = attempt, upstream
+        self.sse = "text/event-stream" in upstream.headers.get("content-type", "")
+        encoding = upstream.headers.get("content-encoding", "")
+        target = attempt.target
+        self.tap = UsageTap(target.group.provider, self.sse, encoding, strip=target.strip_usage)
+        self.finished = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._stream()
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        ended, error = "cut", ""
+        try:
+            async for chunk in self.upstream.content.iter_any():
+                if out := self.tap.feed(chunk):
+                    yield out
+            if rest := self.tap.finish():
+                yield rest
+            ended = "done"
+        except UNREACHABLE as exc:  # the upstream broke off mid-body
+            key = self.attempt.key
+            secret = key.secret if key else ""
+            error = f"upstream broke off: {type(exc).__name__}: {mask_in(str(exc), secret)}"
+        except (GeneratorExit, asyncio.CancelledError):
+            ended = "left"
+            raise
+        finally:
+            await self.finish(ended, error)
+
+    async def finish(self, ended: str, error: str = "") -> None:
+        """`ended`: "done" (the upstream's body ended), "cut" (it broke off) or "left"
+        (the client went away)."""
+        if self.finished:
+            return
+        self.finished = True
+        limiter.leave()
+        if ended == "done":
+            self.upstream.release()
+        else:
+            self.upstream.close()
+        tap, status = self.tap, self.upstream.status
+        complete = tap.terminal or (ended == "done" and not self.sse)
+        if ended == "done" and self.sse and not complete and status < 400:
+            error = "stream truncated: the upstream ended it before its last event"
+        if status >= 400:
+            error = error or parse_error_message(tap.body_text())
+            if self.attempt.key is not None:
+                error = mask_in(error, self.attempt.key.secret)
+            self.attempt.end(status, verdict=classify(status, error), error=error,
+                             usage=tap.usage)  # fmt: skip
+        elif complete:
+            self.attempt.end(status, verdict=Verdict.OK, usage=tap.usage)
+        elif ended == "left":
+            self.attempt.end(499, error="client disconnected", usage=tap.usage, blameless=True)
+        else:
+            self.attempt.end(status, error=error or "stream truncated", usage=tap.usage,
+                             blameless=True)  # fmt: skip
+
+    async def aclose(self) -> None:
+        await self.finish("left")
 
 
 def no_key_error(call: Call) -> ProxyError:
     """Nothing to try: the pool is throttled as a whole (429) or has no usable key (503)."""
-    at = now()
-    groups = [m for m, _ in call.entry.members.items] if call.entry.is_aggregate else [call.entry]
-    backoff = [g.backoff_until - at for g in groups if g.backoff_until > at]
+    at = time.time()
+    entry = call.entry
+    assert entry is not None  # noqa: S101
+    groups = [m for m, _ in entry.members.items] if entry.is_aggregate else [entry]
+    backoff = [g.pool.backoff_until - at for g in groups if g.pool.backoff_until > at]
     if backoff and len(backoff) == len(groups):
         error = ProxyError(
             429,
@@ -397,278 +694,16 @@ def no_key_error(call: Call) -> ProxyError:
             min(backoff),
         )
     else:
-        waits = [w for g in groups if (w := g.ring.next_ready_in(at)) is not None]
+        waits = [w for g in groups if (w := g.pool.next_ready_in(at)) is not None]
         error = ProxyError(
             503,
             "No usable upstream key in this group right now.",
             "no_keys_available",
             min(waits) if waits else DEFAULT_COOLDOWN,
         )
-    target = call.unprepared(call.entry) if call.entry.is_aggregate else call.target(call.entry)
-    call.record(target, None, error.status, final=True, error=error.message)
+    target = call.unprepared(entry) if entry.is_aggregate else call.target(entry)
+    Attempt(call, target, None, "").end(error.status, error=error.message)
     return error
 
 
-async def send(call: Call, target: Target, key: KeyEntry, upstream: str) -> httpx.Response:
-    group = target.group
-    outbound = Outbound(target.path, list(call.query), dict(call.headers))
-    group.provider.inject_key(outbound, key.secret)
-    if target.strip_usage:
-        outbound.headers["accept-encoding"] = "identity"
-    apply_header_rules(outbound, group, key, call.client_ip)
-    url = upstream + outbound.path + ("?" + urlencode(outbound.query) if outbound.query else "")
-    settings = group.settings
-    timeout = httpx.Timeout(
-        connect=settings["connect_timeout"],
-        read=settings["response_header_timeout"] if target.stream else settings["request_timeout"],
-        write=settings["request_timeout"],
-        pool=settings["connect_timeout"],
-    )
-    http = runtime.http(settings)
-    request = http.build_request(
-        call.method, url, headers=outbound.headers, content=target.body or None, timeout=timeout
-    )
-    return await http.send(request, stream=True)
-
-
-def apply_header_rules(outbound: Outbound, group: GroupView, key: KeyEntry, client: str) -> None:
-    if not group.header_rules:
-        return
-    stamp_s = time.time()
-    variables = {"${CLIENT_IP}": client, "${GROUP_NAME}": group.name, "${API_KEY}": key.secret,
-                 "${TIMESTAMP_MS}": str(int(stamp_s * 1000)), "${TIMESTAMP_S}": str(int(stamp_s))}  # fmt: skip
-    for rule in group.header_rules:
-        name = rule["key"].lower()
-        if rule.get("action", "set") == "remove":
-            outbound.headers.pop(name, None)
-            continue
-        value = rule.get("value", "")
-        for var, replacement in variables.items():
-            value = value.replace(var, replacement)
-        outbound.headers[name] = value
-
-
-async def answer(
-    call: Call, target: Target, key: KeyEntry, upstream: httpx.Response, url: str
-) -> HttpResponseBase:
-    """A plain (non-stream) answer: read whole, then sent with its length in one piece.
-
-    Cheaper than relaying it chunk by chunk, and the client loses nothing: it could not
-    use a JSON body before its last byte anyway.
-    """
-    try:
-        body = await upstream.aread()
-    except httpx.HTTPError as exc:  # the upstream broke off mid-body
-        error = f"upstream broke off: {type(exc).__name__}: {mask_in(str(exc), key.secret)}"
-        note_failure(target.group, key, error)
-        call.record(target, key, 502, final=True, error=error, upstream=url)
-        raise ProxyError(502, error, "upstream_error") from None
-    except asyncio.CancelledError:
-        call.record(target, key, 499, final=True, error="client disconnected", upstream=url)
-        raise
-    finally:
-        await upstream.aclose()
-    tap = UsageTap(target.group.provider, False, upstream.headers.get("content-encoding", ""),
-                   strip=False)  # fmt: skip
-    tap.feed(body)
-    tap.finish()
-    error = parse_error_message(body) if upstream.status_code >= 400 else ""
-    call.record(target, key, upstream.status_code, final=True, error=error, upstream=url,
-                usage=tap.usage)  # fmt: skip
-    response = buffered(upstream, body)
-    response["content-length"] = str(len(body))
-    return response
-
-
-def relay(
-    call: Call, target: Target, key: KeyEntry, upstream: httpx.Response, url: str
-) -> StreamingHttpResponse:
-    headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-    if target.stream:
-        headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
-    elif "content-length" in upstream.headers and not target.strip_usage:
-        headers["content-length"] = upstream.headers["content-length"]
-    body = Relay(call, target, key, upstream, url)
-    response = StreamingHttpResponse(body, status=upstream.status_code, headers=headers)
-    response.relay = body  # type: ignore[attr-defined]
-    return response
-
-
-class Relay:
-    """The upstream body on its way to the client; the attempt is recorded when it ends.
-
-    `aclose()` (called by the proxy's ASGI handler after every response) finishes a
-    relay whose body never started, as when the client left before the first byte.
-    """
-
-    def __init__(
-        self, call: Call, target: Target, key: KeyEntry, upstream: httpx.Response, url: str
-    ) -> None:
-        self.call, self.target, self.key, self.upstream, self.url = call, target, key, upstream, url
-        sse = "text/event-stream" in upstream.headers.get("content-type", "")
-        encoding = upstream.headers.get("content-encoding", "")
-        self.tap = UsageTap(target.group.provider, sse, encoding, strip=target.strip_usage)
-        self.finished = False
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._stream()
-
-    async def _stream(self) -> AsyncIterator[bytes]:
-        status, error = self.upstream.status_code, ""
-        try:
-            async for chunk in self.upstream.aiter_raw():
-                if out := self.tap.feed(chunk):
-                    yield out
-            if rest := self.tap.finish():
-                yield rest
-        except httpx.HTTPError as exc:  # the upstream broke off mid-body
-            error = (
-                f"upstream broke off: {type(exc).__name__}: {mask_in(str(exc), self.key.secret)}"
-            )
-            note_failure(self.target.group, self.key, error)
-        except (GeneratorExit, asyncio.CancelledError):
-            status, error = 499, "client disconnected"
-            raise
-        finally:
-            await self.finish(status, error)
-
-    async def finish(self, status: int, error: str) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        limiter.leave()
-        await self.upstream.aclose()
-        tap = self.tap
-        if status >= 400 and not error:
-            error = parse_error_message(b"".join(tap.parts or [tap.pending]))
-        self.call.record(self.target, self.key, status, final=True, error=error,
-                         upstream=self.url, usage=tap.usage)  # fmt: skip
-
-    async def aclose(self) -> None:
-        await self.finish(499, "client disconnected")
-
-
-async def model_list(
-    call: Call, target: Target, key: KeyEntry, upstream: httpx.Response, url: str
-) -> HttpResponseBase:
-    """Buffers the upstream's model list and answers it with the group's rules applied."""
-    try:
-        body = await upstream.aread()
-    finally:
-        await upstream.aclose()
-    group = target.group
-    encoded = upstream.headers.get("content-encoding", "identity")
-    rewritten = None
-    if upstream.status_code < 400 and encoded in ("", "identity"):
-        first_page = not any(k == "pageToken" for k, _ in call.query)
-        rewritten = modellist.rewrite(body, list(group.redirects), group.strict, first_page)
-    call.record(target, key, upstream.status_code, final=True, upstream=url)
-    if rewritten is None:
-        return buffered(upstream, body)
-    return HttpResponse(rewritten, status=200, content_type="application/json")
-
-
-def note_success(key: KeyEntry) -> None:
-    if key.consecutive_failures or key.status != KeyStatus.ACTIVE:
-        key.consecutive_failures, key.status, key.cooling_until = 0, KeyStatus.ACTIVE, 0.0
-        runtime.key_changed(key)
-
-
-def note_failure(group: GroupView, key: KeyEntry, error: str) -> None:
-    key.consecutive_failures += 1
-    threshold = int(group.settings["blacklist_threshold"])
-    if threshold and key.consecutive_failures >= threshold:
-        bench(group, key)
-    runtime.key_changed(key, error[:2048])
-
-
-def judge_failure(
-    group: GroupView, key: KeyEntry, status: int, headers: httpx.Headers, body: bytes
-) -> str:
-    """Decides what a failed attempt means for its key; returns the error as logged."""
-    message = mask_in(parse_error_message(body), key.secret)
-    error = f"[status {status}] {message}"
-    if status in (401, 403) or looks_like_invalid_key(message):
-        bench(group, key)
-        runtime.key_changed(key, error)
-    elif status == 429:
-        throttle(group, key, cooldown_of(headers), error)
-    elif status >= 500 or status == 408:
-        note_failure(group, key, error)
-    return message
-
-
-def throttle(group: GroupView, key: KeyEntry, cooldown: float, error: str) -> None:
-    """429: cools the key, unless most of the pool said 429 at once; then the group rests."""
-    at = now()
-    recent = [(t, k) for t, k in group.recent_429 if t > at - THROTTLE_WINDOW] + [(at, key)]
-    group.recent_429 = recent
-    hit = {k for _, k in recent}
-    if len(hit) >= THROTTLE_MIN_KEYS and 2 * len(hit) >= len(group.ring.keys):
-        group.backoff_until = max(group.backoff_until, at + cooldown)
-        group.recent_429 = []
-        log.warning("group %s: %d keys rate limited at once; backing off %.0f s",
-                    group.name, len(hit), cooldown)  # fmt: skip
-        for benched in hit:  # the caller is throttled, not each key: they stay in rotation
-            benched.status, benched.cooling_until = KeyStatus.ACTIVE, 0.0
-            runtime.key_changed(benched, error if benched is key else "")
-        return
-    key.status, key.cooling_until = KeyStatus.COOLING, at + cooldown
-    runtime.key_changed(key, error)
-
-
-def bench(group: GroupView, key: KeyEntry) -> None:
-    key.status = KeyStatus.INVALID
-    group.ring.remove(key)
-
-
-def cooldown_of(headers: httpx.Headers) -> float:
-    """Seconds to rest a rate-limited key: Retry-After, else x-ratelimit-reset-*, else a default."""
-    retry_after = headers.get("retry-after")
-    if retry_after:
-        try:
-            return max(1.0, float(retry_after))
-        except ValueError:
-            try:
-                return max(1.0, parsedate_to_datetime(retry_after).timestamp() - now())
-            except (TypeError, ValueError):
-                pass
-    for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens", "x-ratelimit-reset"):
-        if seconds := parse_duration(headers.get(name, "")):
-            return seconds
-    return DEFAULT_COOLDOWN
-
-
-def parse_duration(text: str) -> float | None:
-    """`20`, `1.5s`, `6m0s`, `250ms` → seconds."""
-    if not text:
-        return None
-    try:
-        return max(1.0, float(text))
-    except ValueError:
-        pass
-    parts = DURATION_PART.findall(text)
-    if not parts:
-        return None
-    return max(1.0, sum(float(n) * DURATION_SCALE[u] for n, u in parts))
-
-
-def mask_in(text: AnyStr, secret: AnyStr) -> AnyStr:
-    """`text` with every copy of the upstream key replaced by its masked form."""
-    if not secret or secret not in text:
-        return text
-    masked = mask(secret if isinstance(secret, str) else secret.decode())
-    return text.replace(secret, masked if isinstance(text, str) else masked.encode())
-
-
-def readable_encodings(accept: str) -> str:
-    """The client's Accept-Encoding without the codings gptload cannot read usage from."""
-    kept = [p.strip() for p in accept.split(",") if p.split(";")[0].strip() in READABLE_ENCODINGS]
-    return ", ".join(kept) or "identity"
-
-
-def client_ip(request: HttpRequest) -> str:
-    forwarded = request.headers.get("X-Forwarded-For", "")
-    if forwarded:
-        return forwarded.split(",")[0].strip()
-    return request.headers.get("X-Real-Ip") or request.META.get("REMOTE_ADDR") or ""
+__all__ = ["CIMultiDictProxy", "ProxyError", "ProxyResponse", "limiter", "proxy"]

@@ -1,88 +1,57 @@
 """The in-process snapshot of groups, keys and settings that the hot path reads.
 
-Built from the database off the hot path, swapped whole when the configuration version
-moves; requests never query the database. Key states change in place on the `KeyEntry`
-objects (a benched key is skipped at once) and are written to the database in batches.
+Built from the database off the hot path; requests never query the database. A change
+rebuilds only what it touched (`apply()`): one group's change reloads that group and its
+keys, a settings change recomputes every group's settings but keeps the key pools, and
+only a change of everything (re-encrypted keys) reloads all. Key states live on the
+`KeyEntry` objects, which a rebuild carries over, so a key benched a moment ago stays
+benched whatever the database has caught up with.
+
+Everything a request needs is worked out here once per group: the effective settings as
+plain values, the upstream timeouts, the header rules, the digests of the proxy keys.
 """
 
 from __future__ import annotations
 
-import itertools
+import hashlib
+import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import aiohttp
+
 from gptload.lib.crypto import DecryptionError, current_cipher
+from gptload.lib.providers import provider_for
+from gptload.lib.providers.base import Provider
+from gptload.lib.providers.headers import HeaderRules
 from keys.models import APIKey, Group, GroupSubGroup, KeyStatus
-from proxy.providers import provider_for
-from proxy.providers.base import Provider
+from keys.states import KeyEntry, KeyPool, SharedState, key_states
 from settings_app import registry
-from settings_app.models import SystemSetting
+from settings_app.changes import Change
+from settings_app.models import ChangeScope, SystemSetting
+
+log = logging.getLogger("gptload.proxy")
+LOADED = (KeyStatus.ACTIVE, KeyStatus.COOLING)
 
 
-@dataclass(eq=False)
-class KeyEntry:
-    id: int
-    group_id: int
-    secret: str
-    hash: str
-    stored: str
-    status: str = KeyStatus.ACTIVE
-    cooling_until: float = 0.0  # wall-clock seconds
-    consecutive_failures: int = 0
-    changed_at: float = 0.0  # when the database last saw its state change
-
-    def adopt(self, status: str, until: float, failures: int, at: float) -> None:
-        self.status, self.cooling_until, self.consecutive_failures = status, until, failures
-        self.changed_at = at
-
-    def usable(self, now: float) -> bool:
-        if self.status == KeyStatus.ACTIVE:
-            return True
-        return self.status == KeyStatus.COOLING and self.cooling_until <= now
-
-
-class KeyRing:
-    """Round robin over a group's usable keys; a pick costs O(1) unless keys are benched."""
-
-    def __init__(self, keys: list[KeyEntry]) -> None:
-        self.keys = keys
-        self._counter = itertools.count()
-
-    def pick(self, now: float, exclude: set[int]) -> KeyEntry | None:
-        count = len(self.keys)
-        fallback = None
-        for _ in range(count):
-            key = self.keys[next(self._counter) % count]
-            if not key.usable(now):
-                continue
-            if key.id not in exclude:
-                return key
-            fallback = fallback or key
-        return fallback  # a small pool may repeat a key on retry, as GPT-Load does
-
-    def remove(self, key: KeyEntry) -> None:
-        if key in self.keys:
-            self.keys = [k for k in self.keys if k is not key]
-
-    def has_usable(self, now: float) -> bool:
-        return any(key.usable(now) for key in self.keys)
-
-    def next_ready_in(self, now: float) -> float | None:
-        """Seconds until the first cooling key is usable again, or None if none cools."""
-        waits = [k.cooling_until - now for k in self.keys if k.status == KeyStatus.COOLING]
-        return max(0.0, min(waits)) if waits else None
+def digest(secret: str) -> bytes:
+    """What a proxy key is looked up by: comparing digests leaks nothing about the key."""
+    return hashlib.sha256(secret.encode()).digest()
 
 
 class WeightedPicker:
     """Smooth weighted round robin (nginx's), weight 0 = never chosen."""
 
-    def __init__(self, items: list[tuple[Any, int]]) -> None:
+    def __init__(self, items: Iterable[tuple[Any, int]]) -> None:
         self.items = [(item, weight) for item, weight in items if weight > 0]
         self.current = [0] * len(self.items)
         self.total = sum(weight for _, weight in self.items)
 
     def pick(self, allowed: Any = None) -> Any:
+        if len(self.items) == 1 and allowed is None:
+            return self.items[0][0]
         best, best_index = None, -1
         for index, (item, weight) in enumerate(self.items):
             if allowed is not None and not allowed(item):
@@ -95,6 +64,16 @@ class WeightedPicker:
         return best
 
 
+@dataclass(frozen=True)
+class ClientSettings:
+    """What tells one upstream connection pool from another."""
+
+    proxy_url: str
+    max_idle: int
+    max_idle_per_host: int
+    idle_timeout: int
+
+
 @dataclass(eq=False)
 class GroupView:
     id: int
@@ -104,94 +83,183 @@ class GroupView:
     is_aggregate: bool
     enabled: bool
     settings: dict[str, Any]
-    proxy_keys: tuple[str, ...]
+    proxy_keys: frozenset[bytes]
     upstreams: WeightedPicker
-    header_rules: list[dict[str, str]]
+    header_rules: HeaderRules
     redirects: dict[str, str]
     strict: bool
     param_overrides: dict[str, Any]
-    ring: KeyRing
+    pool: KeyPool
     failover_codes: frozenset[int]
+    attempts: int  # max_retries + 1
+    threshold: int  # blacklist_threshold
+    log_bodies: bool
+    timeout: aiohttp.ClientTimeout
+    stream_timeout: aiohttp.ClientTimeout
+    client: ClientSettings
+    member_weights: tuple[tuple[int, int], ...] = ()
     members: WeightedPicker = field(default_factory=lambda: WeightedPicker([]))
-    backoff_until: float = 0.0  # the whole pool is rate limited until then
-    recent_429: list[tuple[float, KeyEntry]] = field(default_factory=list)
 
 
 @dataclass
 class Snapshot:
     version: int
     groups: dict[str, GroupView]
-    global_proxy_keys: tuple[str, ...]
+    by_id: dict[int, GroupView]
     system: dict[str, Any]
-    keys_by_id: dict[int, KeyEntry]
-    groups_by_id: dict[int, GroupView] = field(default_factory=dict)
+    global_keys: frozenset[bytes]
     built_at: float = field(default_factory=time.time)
 
 
-def build_snapshot(version: int, previous: Snapshot | None = None) -> Snapshot:
-    """Reads every group, usable key and setting (sync ORM: call it off the event loop)."""
+# Building -----------------------------------------------------------------------------------
+
+
+def build(version: int, previous: Snapshot | None = None) -> Snapshot:
+    """Everything, read from the database (sync ORM: call it off the event loop)."""
     system = registry.effective(None, SystemSetting.objects.typed_values())
+    old_keys = _keys_of(previous.by_id.values()) if previous else {}
+    pools: dict[int, list[KeyEntry]] = {}
+    rows = APIKey.objects.filter(status__in=LOADED).order_by("id")
+    for entry in _entries(rows, old_keys):
+        pools.setdefault(entry.group_id, []).append(entry)
+    views = {}
+    for group in Group.objects.all():
+        old = previous.by_id.get(group.pk) if previous else None
+        views[group.pk] = _view(group, system, KeyPool(pools.get(group.pk, ())), old)
+    _add_memberships(views, GroupSubGroup.objects.all())
+    snapshot = _snapshot(version, views, system)
+    _overlay_shared(snapshot, views.keys())
+    return snapshot
+
+
+def apply(previous: Snapshot, version: int, changes: set[Change]) -> Snapshot:
+    """`previous` with `changes` applied: only what they name is read again."""
+    if any(scope == ChangeScope.ALL for scope, _ in changes):
+        return build(version, previous)
+    views = dict(previous.by_id)
+    system = previous.system
+    if any(scope == ChangeScope.SETTINGS for scope, _ in changes):
+        system = registry.effective(None, SystemSetting.objects.typed_values())
+        for group in Group.objects.all():
+            old = views.get(group.pk)
+            pool = old.pool if old is not None else _load_pool(group.pk, {})
+            views[group.pk] = _view(group, system, pool, old)
+    touched = {group_id for scope, group_id in changes if scope == ChangeScope.GROUP and group_id}
+    for group_id in touched:
+        old = views.pop(group_id, None)
+        row = Group.objects.filter(pk=group_id).first()
+        if row is None:
+            continue  # deleted
+        pool = _load_pool(group_id, old.pool.keys if old is not None else {})
+        views[group_id] = _view(row, system, pool, old)
+    if touched:
+        aggregates = [v.id for v in views.values() if v.is_aggregate]
+        memberships = GroupSubGroup.objects.filter(group_id__in=aggregates)
+        _add_memberships(views, memberships)
+    snapshot = _snapshot(version, views, system)
+    _overlay_shared(snapshot, touched)
+    return snapshot
+
+
+def _snapshot(version: int, views: dict[int, GroupView], system: dict[str, Any]) -> Snapshot:
+    proxy_keys = frozenset(digest(k) for k in str(system["proxy_keys"]).split(",") if k)
+    return Snapshot(version, {v.name: v for v in views.values()}, views, system, proxy_keys)
+
+
+def _keys_of(views: Iterable[GroupView]) -> dict[int, KeyEntry]:
+    return {key.id: key for view in views for key in view.pool.keys.values()}
+
+
+def _load_pool(group_id: int, old_keys: dict[int, KeyEntry]) -> KeyPool:
+    rows = APIKey.objects.filter(group_id=group_id, status__in=LOADED).order_by("id")
+    return KeyPool(_entries(rows, old_keys))
+
+
+def _entries(rows: Any, old_keys: dict[int, KeyEntry]) -> Iterable[KeyEntry]:
+    """In-memory keys for stored rows; a key already in memory keeps its object (requests
+    in flight report to it) and its state, unless the database's is newer."""
     cipher = current_cipher()
-    keys_by_group: dict[int, list[KeyEntry]] = {}
-    keys_by_id: dict[int, KeyEntry] = {}
-    rows = APIKey.objects.filter(status__in=[KeyStatus.ACTIVE, KeyStatus.COOLING]).order_by("id")
     for row in rows.values_list(
         "id", "group_id", "key_value", "key_hash", "status", "cooling_until",
         "consecutive_failures", "status_changed_at", "created_at",
     ).iterator(2000):  # fmt: skip
         key_id, group_id, stored, key_hash, status, until, failures, changed, created = row
-        changed = changed or created
+        changed_at = (changed or created).timestamp() if (changed or created) else 0.0
+        until_s = until.timestamp() if until else 0.0
+        old = old_keys.get(key_id)
+        if old is not None and old.stored == stored:
+            if changed_at > old.changed_at:
+                old.adopt(status, until_s, failures, changed_at)
+            yield old
+            continue
         try:
             secret = cipher.decrypt(stored)
         except DecryptionError:
             continue  # shown as "cannot decrypt" in the admin; never sent upstream
-        entry = KeyEntry(
-            key_id,
-            group_id,
-            secret,
-            key_hash,
-            stored,
-            status,
-            until.timestamp() if until else 0.0,
-            failures,
-            changed.timestamp() if changed else 0.0,
-        )
-        old = previous.keys_by_id.get(key_id) if previous else None
-        if old is not None and old.changed_at > entry.changed_at:
-            # Local state is newer than what the batched writer has stored so far.
+        entry = KeyEntry(key_id, group_id, secret, key_hash, stored, status, until_s, failures,
+                         changed_at)  # fmt: skip
+        if old is not None and old.changed_at > changed_at:
             entry.adopt(old.status, old.cooling_until, old.consecutive_failures, old.changed_at)
-        if entry.status in (KeyStatus.ACTIVE, KeyStatus.COOLING):
-            keys_by_group.setdefault(group_id, []).append(entry)
-            keys_by_id[key_id] = entry
-    groups: dict[str, GroupView] = {}
-    by_id: dict[int, GroupView] = {}
-    previous_groups = {g.id: g for g in previous.groups.values()} if previous else {}
-    for group in Group.objects.all():
-        view = _group_view(group, system, keys_by_group.get(group.pk, []))
-        if (old_view := previous_groups.get(group.pk)) is not None:
-            view.backoff_until = old_view.backoff_until
-        groups[group.name] = by_id[group.pk] = view
-    for membership in GroupSubGroup.objects.all():
-        parent, member = by_id.get(membership.group_id), by_id.get(membership.sub_group_id)
-        if parent and member:
-            parent.members.items.append((member, membership.weight))
-    for view in groups.values():
-        if view.is_aggregate:
-            view.members = WeightedPicker(view.members.items)
-    proxy_keys = tuple(k for k in str(system["proxy_keys"]).split(",") if k)
-    return Snapshot(version, groups, proxy_keys, system, keys_by_id, by_id)
+        yield entry
 
 
-def _group_view(group: Group, system: dict[str, Any], keys: list[KeyEntry]) -> GroupView:
+def _view(group: Group, system: dict[str, Any], pool: KeyPool, old: GroupView | None) -> GroupView:
     settings = registry.effective(group.config, system)
+    if old is not None:
+        pool.backoff_until = max(pool.backoff_until, old.pool.backoff_until)
     upstreams = [
         (str(u["url"]).rstrip("/"), int(u.get("weight", 1))) for u in group.upstreams or []
     ]
+    connect = float(settings["connect_timeout"])
     return GroupView(
-        id=group.pk, name=group.name, channel=group.channel_type, provider=provider_for(group.channel_type),
-        is_aggregate=group.is_aggregate, enabled=group.enabled, settings=settings,
-        proxy_keys=tuple(group.proxy_key_list), upstreams=WeightedPicker(upstreams),
-        header_rules=list(group.header_rules or []), redirects=dict(group.model_redirect_rules or {}),
-        strict=group.model_redirect_strict, param_overrides=dict(group.param_overrides or {}),
-        ring=KeyRing(keys), failover_codes=registry.parse_status_codes(settings["failover_status_codes"]),
+        id=group.pk, name=group.name, channel=group.channel_type,
+        provider=provider_for(group.channel_type), is_aggregate=group.is_aggregate,
+        enabled=group.enabled, settings=settings,
+        proxy_keys=frozenset(digest(k) for k in group.proxy_key_list),
+        upstreams=WeightedPicker(upstreams),
+        header_rules=HeaderRules(group.header_rules or (), group.name),
+        redirects=dict(group.model_redirect_rules or {}), strict=group.model_redirect_strict,
+        param_overrides=dict(group.param_overrides or {}), pool=pool,
+        failover_codes=registry.parse_status_codes(settings["failover_status_codes"]),
+        attempts=int(settings["max_retries"]) + 1, threshold=int(settings["blacklist_threshold"]),
+        log_bodies=bool(settings["enable_request_body_logging"]),
+        timeout=aiohttp.ClientTimeout(connect=connect, sock_connect=connect,
+                                      sock_read=float(settings["request_timeout"])),
+        stream_timeout=aiohttp.ClientTimeout(connect=connect, sock_connect=connect,
+                                             sock_read=float(settings["response_header_timeout"])),
+        client=ClientSettings(str(settings["proxy_url"]), int(settings["max_idle_conns"]),
+                              int(settings["max_idle_conns_per_host"]),
+                              int(settings["idle_conn_timeout"])),
     )  # fmt: skip
+
+
+def _add_memberships(views: dict[int, GroupView], memberships: Iterable[GroupSubGroup]) -> None:
+    """Links every aggregate to the current views of its members."""
+    weights: dict[int, list[tuple[int, int]]] = {}
+    for membership in memberships:
+        weights.setdefault(membership.group_id, []).append(
+            (membership.sub_group_id, membership.weight)
+        )
+    for view_id, view in list(views.items()):
+        if not view.is_aggregate:
+            continue
+        member_weights = tuple(weights.get(view_id, ()))
+        members = [(views[m], w) for m, w in member_weights if m in views]
+        views[view_id] = replace(
+            view, member_weights=member_weights, members=WeightedPicker(members)
+        )
+
+
+def _overlay_shared(snapshot: Snapshot, group_ids: Iterable[int]) -> None:
+    """Key states other nodes shared and the database has not caught up with yet."""
+    wanted = set(group_ids)
+    if not wanted:
+        return
+    for state in key_states.read_shared():
+        view = snapshot.by_id.get(state.group_id)
+        if view is None or view.id not in wanted:
+            continue
+        key_states.adopt(view.pool, view.pool.keys.get(state.id), state)
+
+
+__all__ = ["GroupView", "KeyEntry", "SharedState", "Snapshot", "apply", "build", "digest"]

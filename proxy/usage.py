@@ -1,9 +1,13 @@
-"""Reads token usage from a response as it streams past, without holding it back.
+"""Reads a response as it streams past, without holding it back: its token usage and,
+for event streams, whether the answer's last event came.
 
-SSE responses are scanned event by event (only events that mention usage are parsed);
-other bodies are kept whole up to a bound and parsed at the end, or past the bound
-searched from their tail. When gptload asked OpenAI for the usage chunk on the
-client's behalf (`stream_options.include_usage`), that chunk is taken out again.
+The bytes sent on are the upstream's own, compressed or not; a decoded copy (gzip,
+deflate, br, zstd) is what gets read. SSE responses are scanned event by event, and only
+events that mention usage or look like the provider's last event are parsed; other
+bodies are kept whole up to a bound and parsed at the end, or past the bound searched
+from their tail. When gptload asked OpenAI for the usage chunk on the client's behalf
+(`stream_options.include_usage`), that chunk is taken out again (the upstream is then
+asked for an uncompressed answer, so that events can be cut out).
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ from __future__ import annotations
 import json
 import re
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
-from proxy.providers.base import Provider, Usage
+from gptload.lib.providers.base import Provider, Usage
 
 WHOLE_BODY_LIMIT = 1 << 20
 TAIL = 64 << 10
@@ -23,30 +28,65 @@ EVENT_END = re.compile(rb"\r?\n\r?\n")
 USAGE_FIELDS = (b'"usageMetadata"', b'"usage"')
 # A usage object, not OpenAI's `"usage":null` that every chunk carries once it is asked for.
 HAS_USAGE = re.compile(rb'"usage(?:Metadata)?"\s*:\s*\{')
+# Bytes that every provider's last event contains (parsed only when one is present).
+TERMINAL_MARKS = (b"[DONE]", b"response.completed", b"message_stop", b"finishReason")
 _decoder = json.JSONDecoder()
+
+
+def decoder_for(encoding: str) -> Callable[[bytes], bytes] | None:
+    """An incremental decoder for a `Content-Encoding`; None for identity or one unknown."""
+    encoding = encoding.strip().lower()
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        # 47: zlib or gzip header, detected; "deflate" is zlib-wrapped in HTTP (RFC 9110).
+        return zlib.decompressobj(47).decompress
+    if encoding == "br":
+        import brotli
+
+        return brotli.Decompressor().process
+    if encoding == "zstd":
+        from backports import zstd
+
+        return zstd.ZstdDecompressor().decompress
+    return None
+
+
+def decode_whole(body: bytes, encoding: str) -> bytes | None:
+    """`body` decoded, for reading only (None: an encoding or a body we cannot read)."""
+    if not encoding or encoding == "identity":
+        return body
+    decode = decoder_for(encoding)
+    if decode is None:
+        return None
+    try:
+        return decode(body)
+    except Exception:  # a corrupt body stays the client's to judge
+        return None
 
 
 class UsageTap:
     def __init__(self, provider: Provider, sse: bool, encoding: str, strip: bool) -> None:
         self.provider = provider
         self.sse = sse
-        self.strip = strip and sse and not encoding
+        encoding = encoding.strip().lower()
+        plain = encoding in ("", "identity")
+        self.strip = strip and sse and plain
         self.usage: Usage | None = None
+        self.terminal = False  # the provider's last event has gone by (SSE only)
         self.pending = b""
         self.parts: list[bytes] | None = None if sse else []
         self.size = 0
-        self.inflate = zlib.decompressobj(47) if encoding in ("gzip", "deflate", "x-gzip") else None
-        self.readable = encoding in ("", "identity") or self.inflate is not None
+        self.decode = None if plain else decoder_for(encoding)
+        self.readable = plain or self.decode is not None
 
     def feed(self, chunk: bytes) -> bytes:
-        """Notes what `chunk` tells about usage; returns the bytes to send on."""
+        """Notes what `chunk` tells; returns the bytes to send on."""
         if not self.readable:
             return chunk
         plain = chunk
-        if self.inflate is not None:
+        if self.decode is not None:
             try:
-                plain = self.inflate.decompress(chunk)
-            except zlib.error:
+                plain = self.decode(chunk)
+            except Exception:  # corrupt: pass it on untouched, read no more
                 self.readable = False
                 return chunk
         if not self.sse:
@@ -58,7 +98,7 @@ class UsageTap:
             self.pending = data if len(data) <= WHOLE_BODY_LIMIT else b""
             return b"" if self.strip else chunk
         events, self.pending = data[: ends[-1]], data[ends[-1] :]
-        if b"sage" in events:
+        if b"sage" in events or any(mark in events for mark in TERMINAL_MARKS):
             events = self._scan(events)
         return events if self.strip else chunk
 
@@ -66,9 +106,11 @@ class UsageTap:
         """End of the body: the usage found at the end, and any bytes still held."""
         if self.sse:
             rest, self.pending = self.pending, b""
-            if rest and b"sage" in rest:
+            if rest.strip() and self.readable:
                 self._scan(rest)
             return rest if self.strip else b""
+        if not self.readable:
+            return b""
         if self.parts is not None:
             body = b"".join(self.parts)
             try:
@@ -78,6 +120,12 @@ class UsageTap:
         else:
             self._note_tail(self.pending)
         return b""
+
+    def body_text(self) -> bytes:
+        """What was read of a non-stream body (decoded), for its error message."""
+        if self.parts is not None:
+            return b"".join(self.parts)
+        return self.pending
 
     def _keep(self, plain: bytes) -> None:
         self.size += len(plain)
@@ -97,15 +145,21 @@ class UsageTap:
             data = b"".join(
                 line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")
             )
-            if HAS_USAGE.search(data):
+            usage = HAS_USAGE.search(data) is not None
+            marked = any(mark in data for mark in TERMINAL_MARKS)
+            payload = None
+            if (usage or marked) and data[:1] in (b"{", b"["):
                 try:
                     payload = orjson.loads(data)
                 except orjson.JSONDecodeError:
                     payload = None
+            if usage:
                 self._note(payload)
                 if self.strip and _is_usage_chunk(payload):
                     dropped = True
                     continue
+            if marked and self.provider.is_terminal(data, payload):
+                self.terminal = True
             kept.append(event + b"\n\n")
         return b"".join(kept) if dropped else events
 

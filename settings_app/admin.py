@@ -6,6 +6,7 @@ from django.contrib import admin
 
 from gptload.lib.adminsecrets import SecretFieldsForm
 from gptload.lib.secrets import mask
+from settings_app import registry
 from settings_app.models import SystemSetting
 from settings_app.registry import SettingError
 
@@ -47,9 +48,4 @@ class SystemSettingAdmin(admin.ModelAdmin):
 
     @admin.display(description="Overridden by groups")
     def overridden_by(self, obj: SystemSetting) -> str:
-        from keys.models import Group
-
-        groups = Group.objects.filter(config__has_key=obj.setting_key).values_list(
-            "name", flat=True
-        )
-        return ", ".join(groups) or "-"
+        return ", ".join(registry.overridden_by(obj.setting_key)) or "-"

@@ -14,7 +14,7 @@ from django.db import transaction
 from django.http import HttpRequest
 from ninja import Body, Router, Schema
 
-from gptload.api import ApiError, Envelope, ok
+from gptload.lib.api import ApiError, Envelope, ok
 from settings_app import registry
 from settings_app.models import SystemSetting
 from settings_app.registry import Setting, SettingError

@@ -1,16 +1,11 @@
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 
 from settings_app import registry
-
-log = logging.getLogger("gptload")
-CONFIG_CHANNEL = "gptload:config"
 
 
 class SystemSettingQuerySet(models.QuerySet["SystemSetting"]):
@@ -73,8 +68,10 @@ def seed_first_boot_settings(**kwargs: Any) -> None:
 class ConfigVersion(models.Model):
     """One row whose number moves on every configuration change (groups, keys, settings).
 
-    Each process polls it (one indexed read a second) and rebuilds its proxy snapshot
-    when it moves, so a change made anywhere is in force everywhere without a restart.
+    Each proxy process knows the version its snapshot was built at; when the row moves
+    (a pub/sub message says so, or its once-a-second check sees it) it reads the
+    `ConfigChange` rows above its version and rebuilds only what they name. Written by
+    `settings_app.changes` alone.
     """
 
     version = models.PositiveBigIntegerField(default=0)
@@ -90,29 +87,23 @@ class ConfigVersion(models.Model):
     def current(cls) -> int:
         return cls.objects.filter(pk=1).values_list("version", flat=True).first() or 0
 
-    @classmethod
-    def bump(cls) -> None:
-        from django.db.models import F
-        from django.utils import timezone
 
-        if not cls.objects.filter(pk=1).update(version=F("version") + 1, updated_at=timezone.now()):
-            cls.objects.get_or_create(pk=1, defaults={"version": 1})
-        publish_config_change()
+class ChangeScope(models.TextChoices):
+    ALL = "all", "Everything"
+    SETTINGS = "settings", "System settings"
+    GROUP = "group", "One group and its keys"
 
 
-def publish_config_change() -> None:
-    """Tells every process through Redis that the configuration moved (cluster mode)."""
-    if not settings.REDIS_DSN:
-        return
-    from django_redis import get_redis_connection
+class ConfigChange(models.Model):
+    """What one version changed, so that proxies rebuild just that (kept for a while)."""
 
-    try:
-        get_redis_connection("default").publish(CONFIG_CHANNEL, "moved")
-    except Exception as exc:  # the version row still carries the change within a second
-        log.warning("could not publish a configuration change to Redis: %s", exc)
+    version = models.PositiveBigIntegerField(db_index=True)
+    scope = models.CharField(max_length=16, choices=ChangeScope.choices)
+    group_id = models.PositiveBigIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
 
+    class Meta:
+        verbose_name = "configuration change"
 
-def bump_config_version(**kwargs: Any) -> None:
-    from django.db import transaction
-
-    transaction.on_commit(ConfigVersion.bump, using=kwargs.get("using"))
+    def __str__(self) -> str:
+        return f"v{self.version}: {self.scope} {self.group_id or ''}".strip()

@@ -248,3 +248,19 @@ def effective(group_config: Mapping[str, Any] | None, system: Mapping[str, Any])
     if group_config:
         values.update({k: v for k, v in group_config.items() if k in GROUP_OVERRIDABLE})
     return values
+
+
+# Which groups override a setting: the groups live in an app above this one, which
+# registers how to find them (settings never import groups).
+OverrideFinder = Callable[[str], list[str]]
+_override_finders: list[OverrideFinder] = []
+
+
+def register_override_finder(finder: OverrideFinder) -> None:
+    if finder not in _override_finders:
+        _override_finders.append(finder)
+
+
+def overridden_by(key: str) -> list[str]:
+    """The names of the groups whose config overrides setting `key`."""
+    return [name for finder in _override_finders for name in finder(key)]

@@ -2,15 +2,22 @@
 
 Tests point gptload groups at `FakeProvider.url` and choose what each upstream API key
 does with `provider.behave(key, Behaviour(...))`: answer normally, fail with a status in
-the provider's own error shape, wait before the first byte, space stream events, or cut a
-stream. Every request is recorded (`provider.requests`) with the credential it carried.
+the provider's own error shape, wait before the first byte, space stream events, cut a
+stream, or hold it open after its last event. Every request is recorded
+(`provider.requests`) with the credential it carried.
+
+Like the real providers, it compresses what it answers (JSON and streams alike) in the
+coding the request's Accept-Encoding lets it, br first: see `tests/fakeprovider_encoding.py`.
+`FakeProvider(compress=False)` or `Behaviour(compress=False)` turns that off.
 
 The answers, in `tests/fakeprovider_responses.py` beside this file, are complete enough
 for the real SDKs (openai, anthropic, google-genai) to parse them, and token usage is
 deterministic: `PROMPT_TOKENS` in, one token per content chunk out (`COMPLETION_TOKENS`
-with the default `DEFAULT_EVENTS` chunks). Their public names are importable from here.
+with the default `DEFAULT_EVENTS` chunks). The errors, in each provider's shape, are in
+`tests/fakeprovider_errors.py`. Their public names are importable from here.
 
-Run standalone for a benchmark: `python tests/fakeprovider.py --port 9000`.
+Run standalone for a benchmark: `python tests/fakeprovider.py --port 9000` (add
+`--no-compress` to leave answers uncompressed).
 """
 
 from __future__ import annotations
@@ -39,6 +46,15 @@ if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.background import BackgroundServer
+from tests.fakeprovider_encoding import CODINGS, Coding, Encoder, choose_coding, encoder
+from tests.fakeprovider_errors import (
+    INVALID_KEY_MESSAGE,
+    REASONS,
+    UNREGISTERED_CALLER,
+    Family,
+    error_body,
+    openai_ratelimit_headers,
+)
 from tests.fakeprovider_responses import (
     ANTHROPIC_MODELS,
     COMPLETION_TOKENS,
@@ -64,6 +80,7 @@ from tests.fakeprovider_responses import (
 
 __all__ = [
     "ANTHROPIC_MODELS",
+    "CODINGS",
     "COMPLETION_TOKENS",
     "DEFAULT_EVENTS",
     "DEFAULT_MODEL",
@@ -74,19 +91,20 @@ __all__ = [
     "PROMPT_TOKENS",
     "TOTAL_TOKENS",
     "Behaviour",
+    "Coding",
     "FakeProvider",
     "Received",
+    "choose_coding",
     "chunk_text",
     "error_body",
     "full_text",
     "main",
+    "openai_ratelimit_headers",
     "running_provider",
 ]
 
-INVALID_KEY_MESSAGE = "API key not valid. Please pass a valid API key."
 DEFAULT_MODEL = "fake-model"
 
-Family = Literal["openai", "anthropic", "gemini"]
 KeySource = Literal["authorization", "x-api-key", "x-goog-api-key", "query"]
 
 
@@ -105,6 +123,17 @@ class Behaviour:
       events; more: never). On a non-stream request it closes the connection unanswered.
     - `invalid_key_message` answers 400 "API key not valid…", as Gemini does for bad keys,
       in the provider's error shape.
+    - `compress=False` answers uncompressed whatever the client accepts, like an upstream
+      that never compresses (no Vary either); `codings` is what the provider offers, in
+      its order of preference, when it does compress (e.g. `("gzip",)`, Google-like).
+    - `tail_delay` holds a stream open that many seconds after its final frame (OpenAI's
+      `data: [DONE]`, Responses' `response.completed`, Anthropic's `message_stop`,
+      Gemini's last chunk or, without alt=sse, the array's closing bracket) before
+      ending the body, as real providers sometimes do; a client that stops reading at
+      the final event then closes the connection first (see `Received.tail_cut`).
+    - `ratelimit_headers` adds OpenAI's `x-ratelimit-*` headers to OpenAI-family answers
+      (requests exhausted on a 429, resetting after `retry_after`, if numeric, else 1 s);
+      other families ignore it.
     """
 
     status: int = 200
@@ -116,6 +145,15 @@ class Behaviour:
     events: int = DEFAULT_EVENTS
     drop_after: int | None = None
     invalid_key_message: bool = False
+    compress: bool = True
+    codings: tuple[Coding, ...] = CODINGS
+    tail_delay: float = 0
+    ratelimit_headers: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = set(self.codings) - set(CODINGS)
+        if unknown:
+            raise ValueError(f"unknown codings {sorted(unknown)}; known: {CODINGS}")
 
 
 @dataclass
@@ -124,6 +162,15 @@ class Received:
 
     `headers` looks names up case-insensitively. `key` is the credential the provider
     would read, from `key_source`; `credentials` holds every credential present.
+    `encoding` is the content coding the answer was sent in (None: uncompressed).
+
+    `finished` says the answer went out whole (a stream: once its final frame is
+    written), `dropped` that `drop_after` cut it, `disconnected` that the client left first.
+    For streams, `terminal_sent` says the final frame was written. A client that closes
+    the connection after that, while `tail_delay` holds the body open, had the whole
+    answer, and real SDKs do close there: that sets `tail_cut`, not `disconnected`, is
+    not counted in `FakeProvider.disconnects`, and the request stays `finished`. A close
+    before the final frame is a disconnect, as without `tail_delay`.
     """
 
     index: int
@@ -140,16 +187,20 @@ class Received:
     stream: bool
     started: float
     status: int | None = None
+    encoding: Coding | None = None
     events_sent: int = 0
+    terminal_sent: bool = False
     finished: bool = False
     dropped: bool = False
     disconnected: bool = False
+    tail_cut: bool = False
 
 
 class FakeProvider(BackgroundServer):
     """The fake upstream, served from its own thread and event loop.
 
     Use it as a context manager, or `start()` / `stop()`. All methods are thread-safe.
+    `compress=False` leaves every answer uncompressed, whatever the behaviours say.
     """
 
     def __init__(
@@ -159,10 +210,12 @@ class FakeProvider(BackgroundServer):
         *,
         require_key: bool = True,
         record: bool = True,
+        compress: bool = True,
     ) -> None:
         self.host = host
         self.require_key = require_key
         self.record = record
+        self.compress = compress
         self._port = port
         self._changed = threading.Condition()
         self._requests: list[Received] = []
@@ -311,11 +364,24 @@ class FakeProvider(BackgroundServer):
         with self._changed:
             return self._changed.wait_for(lambda: self._disconnects >= count, timeout)
 
+    def wait_until(self, condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+        """Waits until `condition()` holds; False if `timeout` passed first.
+
+        It is checked again whenever a request arrives, sends its final frame or ends, e.g.
+        `provider.wait_until(lambda: provider.requests[0].tail_cut)`.
+        """
+        with self._changed:
+            return self._changed.wait_for(condition, timeout)
+
     def _note(self, received: Received) -> None:
         if self.record:
             with self._changed:
                 self._requests.append(received)
                 self._changed.notify_all()
+
+    def _note_change(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
 
     def _note_disconnect(self, received: Received) -> None:
         if self._stopping or received.disconnected:
@@ -350,14 +416,26 @@ class FakeProvider(BackgroundServer):
             started=time.monotonic(),
         )
         self._note(received)
-        call = Call(request, received, self.behaviour_for(key), self._note_disconnect)
+        behaviour = self.behaviour_for(key)
+        call = Call(
+            request,
+            received,
+            behaviour,
+            self._note_disconnect,
+            self.compress and behaviour.compress,
+            self._note_change,
+        )
         try:
             response = await self._answer(call, answer)
+            received.finished = not (received.dropped or received.disconnected)
+            return response
         except asyncio.CancelledError:
-            self._note_disconnect(received)
+            # handler_cancellation: the client closed the connection while the handler
+            # waited (a delay, an event interval or the tail).
+            call.client_left()
             raise
-        received.finished = not (received.dropped or received.disconnected)
-        return response
+        finally:
+            self._note_change()
 
     async def _answer(self, call: Call, answer: Answer | None) -> web.StreamResponse:
         behaviour = call.behaviour
@@ -390,11 +468,20 @@ class Call:
         received: Received,
         behaviour: Behaviour,
         on_disconnect: Callable[[Received], None],
+        compress: bool = True,
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.request = request
         self.received = received
         self.behaviour = behaviour
         self.on_disconnect = on_disconnect
+        self.on_change = on_change
+        self.compress = compress
+        self.coding: Coding | None = (
+            choose_coding(request.headers.get("Accept-Encoding"), behaviour.codings)
+            if compress
+            else None
+        )
         self.created = int(time.time())
         payload = received.json if isinstance(received.json, dict) else {}
         self.body: dict[str, Any] = payload
@@ -408,33 +495,51 @@ class Call:
     def id(self, prefix: str) -> str:
         return f"{prefix}{self.received.index:08d}"
 
-    def headers(self) -> dict[str, str]:
+    def headers(self, status: int | None = None) -> dict[str, str]:
+        """The headers every answer with `status` (default: the behaviour's) carries."""
+        status = self.behaviour.status if status is None else status
         headers = {"x-request-id": self.id("req_")}
         if self.received.family == "anthropic":
             headers["request-id"] = self.id("req_")
         if self.behaviour.retry_after is not None:
             headers["Retry-After"] = self.behaviour.retry_after
+        if self.behaviour.ratelimit_headers and self.received.family == "openai":
+            headers.update(openai_ratelimit_headers(status, self.behaviour.retry_after))
+        if self.compress:
+            # Set even when the answer goes out uncompressed: it depends on the header.
+            headers["Vary"] = "Accept-Encoding"
+        if self.coding is not None:
+            headers["Content-Encoding"] = self.coding
         headers.update(self.behaviour.headers)
         return headers
+
+    def encoder(self) -> Encoder | None:
+        """The encoder for this answer's body (None: uncompressed); records the coding."""
+        self.received.encoding = self.coding
+        return encoder(self.coding) if self.coding is not None else None
 
     def json(self, payload: object, status: int | None = None) -> web.Response:
         status = self.behaviour.status if status is None else status
         return self.raw(status, json.dumps(payload).encode())
 
     def raw(self, status: int, body: bytes) -> web.Response:
+        """Answers `body` as JSON, compressed whole (Content-Length is the compressed size)."""
         self.received.status = status
+        if (coder := self.encoder()) is not None:
+            body = coder.finish(body)
         return web.Response(
             status=status,
             reason=REASONS.get(status),
             body=body,
             content_type="application/json",
-            headers=self.headers(),
+            headers=self.headers(status),
         )
 
     def error(
         self, status: int, message: str | None = None, invalid_key: bool = False
     ) -> web.Response:
-        return self.json(error_body(self.received.family, status, message, invalid_key), status)
+        family, key = self.received.family, self.received.key
+        return self.json(error_body(family, status, message, invalid_key, key), status)
 
     def missing_key(self) -> web.Response:
         if self.received.family == "gemini":
@@ -451,13 +556,27 @@ class Call:
             self.request.transport.close()
         return response
 
+    def client_left(self) -> None:
+        """The client closed the connection before the body ended."""
+        if self.received.terminal_sent:
+            self.received.tail_cut = True
+        else:
+            self.on_disconnect(self.received)
+
     async def stream(self, frames: Iterable[Frame], content_type: str) -> web.StreamResponse:
-        """Writes `frames` one at a time, spacing content events by `event_interval`."""
+        """Writes `frames` one at a time, spacing content events by `event_interval`.
+
+        Compressed, each frame is flushed on its own, so that it reaches the client (and
+        its decoder) when written, as it would uncompressed.
+        """
         behaviour = self.behaviour
-        response = web.StreamResponse(status=behaviour.status, headers=self.headers())
+        response = web.StreamResponse(
+            status=behaviour.status, headers=self.headers(behaviour.status)
+        )
         response.content_type = content_type
         response.headers["Cache-Control"] = "no-cache"
         self.received.status = behaviour.status
+        coder = self.encoder()
         try:
             await response.prepare(self.request)
             sent = 0
@@ -469,11 +588,19 @@ class Call:
                     if sent and behaviour.event_interval:
                         await asyncio.sleep(behaviour.event_interval)
                     sent += 1
-                await response.write(data)
+                await response.write(coder.flush(data) if coder is not None else data)
                 self.received.events_sent = sent
+            # Whole once its final frame is out: what follows (the coding's end, the end of
+            # the body) carries no event, and a client may rightly close before it.
+            self.received.terminal_sent = self.received.finished = True
+            self.on_change()
+            if behaviour.tail_delay:
+                await asyncio.sleep(behaviour.tail_delay)
+            if coder is not None:
+                await response.write(coder.finish())
             await response.write_eof()
         except ConnectionError:
-            self.on_disconnect(self.received)
+            self.client_left()
         return response
 
 
@@ -566,94 +693,6 @@ def is_stream(request: web.Request, payload: Any) -> bool:
     return isinstance(payload, dict) and payload.get("stream") is True
 
 
-# -- errors ----------------------------------------------------------------------------
-
-REASONS = {529: "Overloaded"}
-UNREGISTERED_CALLER = (
-    "Method doesn't allow unregistered callers (callers without established identity)."
-    " Please use API Key or other form of API consumer identity to call this API."
-)
-OPENAI_ERRORS: dict[int, tuple[str, str | None, str]] = {
-    400: ("invalid_request_error", None, "Invalid request."),
-    401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided."),
-    403: (
-        "invalid_request_error",
-        "unsupported_country_region_territory",
-        "Country, region, or territory not supported",
-    ),
-    404: ("invalid_request_error", "unknown_url", "Not found."),
-    429: (
-        "requests",
-        "rate_limit_exceeded",
-        "Rate limit reached for requests. Please try again later.",
-    ),
-    500: (
-        "server_error",
-        None,
-        "The server had an error while processing your request. Sorry about that!",
-    ),
-    503: ("server_error", None, "The engine is currently overloaded, please try again later"),
-}
-ANTHROPIC_ERRORS: dict[int, tuple[str, str]] = {
-    400: ("invalid_request_error", "Invalid request."),
-    401: ("authentication_error", "invalid x-api-key"),
-    403: (
-        "permission_error",
-        "Your API key does not have permission to use the specified resource.",
-    ),
-    404: ("not_found_error", "Not found."),
-    413: ("request_too_large", "Request exceeds the maximum allowed number of bytes."),
-    429: ("rate_limit_error", "Number of requests has exceeded your rate limit."),
-    500: ("api_error", "Internal server error"),
-    504: ("timeout_error", "Request timed out"),
-    529: ("overloaded_error", "Overloaded"),
-}
-GEMINI_ERRORS: dict[int, tuple[str, str]] = {
-    400: ("INVALID_ARGUMENT", "Request contains an invalid argument."),
-    401: ("UNAUTHENTICATED", "Request had invalid authentication credentials."),
-    403: ("PERMISSION_DENIED", "The caller does not have permission"),
-    404: ("NOT_FOUND", "Requested entity was not found."),
-    429: ("RESOURCE_EXHAUSTED", "Resource has been exhausted (e.g. check quota)."),
-    500: (
-        "INTERNAL",
-        "An internal error has occurred. Please retry or report in https://developers.generativeai.google/guide/troubleshooting",
-    ),
-    503: ("UNAVAILABLE", "The model is overloaded. Please try again later."),
-    504: ("DEADLINE_EXCEEDED", "Deadline expired before operation could complete."),
-}
-
-
-def error_body(
-    family: Family, status: int, message: str | None = None, invalid_key: bool = False
-) -> dict[str, Any]:
-    """The error JSON `family`'s API answers `status` with."""
-    server = status >= 500
-    if family == "openai":
-        kind, code, text = OPENAI_ERRORS.get(
-            status, ("server_error" if server else "invalid_request_error", None, f"HTTP {status}")
-        )
-        if invalid_key:
-            code = "invalid_api_key"
-        return {"error": {"message": message or text, "type": kind, "param": None, "code": code}}
-    if family == "anthropic":
-        kind, text = ANTHROPIC_ERRORS.get(
-            status, ("api_error" if server else "invalid_request_error", f"HTTP {status}")
-        )
-        return {"type": "error", "error": {"type": kind, "message": message or text}}
-    state, text = GEMINI_ERRORS.get(status, ("INTERNAL" if server else "UNKNOWN", f"HTTP {status}"))
-    error: dict[str, Any] = {"code": status, "message": message or text, "status": state}
-    if invalid_key:
-        error["details"] = [
-            {
-                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                "reason": "API_KEY_INVALID",
-                "domain": "googleapis.com",
-                "metadata": {"service": "generativelanguage.googleapis.com"},
-            }
-        ]
-    return {"error": error}
-
-
 # -- entry points ----------------------------------------------------------------------
 
 
@@ -672,8 +711,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--event-interval", type=float, default=0)
     parser.add_argument("--first-byte-delay", type=float, default=0)
     parser.add_argument("--record", action="store_true", help="keep every request (memory grows)")
+    parser.add_argument(
+        "--no-compress",
+        dest="compress",
+        action="store_false",
+        help="answer uncompressed whatever Accept-Encoding says",
+    )
     args = parser.parse_args(argv)
-    provider = FakeProvider(args.host, args.port, record=args.record)
+    provider = FakeProvider(args.host, args.port, record=args.record, compress=args.compress)
     provider.behave_default(
         Behaviour(
             events=args.events,

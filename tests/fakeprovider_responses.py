@@ -2,8 +2,9 @@
 
 Token usage is deterministic: `PROMPT_TOKENS` in, one token per content chunk out
 (`COMPLETION_TOKENS` with the default `DEFAULT_EVENTS` chunks), and chunk `i` reads
-`chunk_text(i)` in every provider's answers. Errors, routing and behaviours live in
-`tests/fakeprovider.py`, which re-exports the public names here.
+`chunk_text(i)` in every provider's answers. Errors live in `tests/fakeprovider_errors.py`,
+routing, behaviours and compression in `tests/fakeprovider.py`, which re-exports the
+public names here.
 """
 
 from __future__ import annotations

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
+import aiohttp
 import anthropic
+import brotli
 import httpx
 import openai
 import pytest
+from backports import zstd
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types as genai_types
@@ -23,6 +28,7 @@ from google.genai import types as genai_types
 from conftest import ROOT, free_port
 from tests.fakeprovider import (
     ANTHROPIC_MODELS,
+    CODINGS,
     COMPLETION_TOKENS,
     GEMINI_MODELS,
     INVALID_KEY_MESSAGE,
@@ -30,12 +36,17 @@ from tests.fakeprovider import (
     PROMPT_TOKENS,
     TOTAL_TOKENS,
     Behaviour,
+    Coding,
     FakeProvider,
     Received,
+    choose_coding,
     chunk_text,
+    error_body,
     full_text,
+    openai_ratelimit_headers,
     running_provider,
 )
+from tests.fakeprovider_errors import duration
 
 
 @pytest.fixture
@@ -489,9 +500,12 @@ def test_stop_cuts_a_stream_in_progress_quickly():
     assert not provider.requests[0].finished
 
 
-def test_it_runs_standalone_for_a_benchmark():
+@pytest.mark.parametrize(
+    ("args", "encoding"), [([], "gzip"), (["--no-compress"], None)], ids=["default", "no-compress"]
+)
+def test_it_runs_standalone_for_a_benchmark(args, encoding):
     port = free_port()
-    command = [sys.executable, str(ROOT / "tests" / "fakeprovider.py"), "--port", str(port)]
+    command = [sys.executable, str(ROOT / "tests" / "fakeprovider.py"), "--port", str(port), *args]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
         try:
             assert process.stdout is not None
@@ -499,9 +513,462 @@ def test_it_runs_standalone_for_a_benchmark():
             response = httpx.post(
                 f"http://127.0.0.1:{port}{CHAT}",
                 json={},
-                headers=bearer("k"),
+                headers={**bearer("k"), "Accept-Encoding": "gzip"},
             )
+            assert response.headers.get("content-encoding") == encoding
             assert response.json()["usage"]["total_tokens"] == TOTAL_TOKENS
         finally:
             process.send_signal(signal.SIGTERM)
             assert process.wait(5) == 0
+
+
+# -- compression -----------------------------------------------------------------------
+
+
+def decoder(coding: Coding) -> Callable[[bytes], bytes]:
+    """An incremental decoder for `coding`, written here rather than borrowed from the
+    clients, so that what the fake writes is checked byte for byte (httpx 0.28 has no zstd
+    decoder without the `zstandard` package)."""
+    if coding == "br":
+        return brotli.Decompressor().process
+    if coding == "zstd":
+        return zstd.ZstdDecompressor().decompress
+    wbits = 16 + zlib.MAX_WBITS if coding == "gzip" else zlib.MAX_WBITS
+    return zlib.decompressobj(wbits).decompress
+
+
+def accepting(coding: str, key: str = "k") -> dict[str, str]:
+    return {**bearer(key), "Accept-Encoding": coding}
+
+
+def raw_answer(
+    provider: FakeProvider, path: str, headers: dict[str, str], body: Any = None
+) -> tuple[httpx.Response, bytes]:
+    """A POST and its body exactly as it came over the wire, still encoded."""
+    with httpx.stream("POST", provider.url + path, json=body or {}, headers=headers) as response:
+        return response, b"".join(response.iter_raw())
+
+
+@pytest.mark.parametrize(
+    ("accept_encoding", "chosen"),
+    [
+        (None, None),
+        ("", None),
+        ("identity", None),
+        ("gzip", "gzip"),
+        ("deflate, gzip", "gzip"),  # the server's order decides, not the client's
+        ("gzip, deflate, br", "br"),
+        ("gzip, deflate, br, zstd", "br"),
+        ("zstd, gzip, deflate", "zstd"),
+        ("br;q=0.1, gzip;q=1.0", "br"),  # a low q still accepts
+        ("br;q=0, gzip", "gzip"),
+        ("br; q=0.000, zstd;q=0, gzip ;q=0, deflate", "deflate"),
+        ("*", "br"),
+        ("br;q=0, *", "zstd"),
+        ("*;q=0, deflate", "deflate"),
+        ("identity;q=1, *;q=0", None),
+        ("GZIP", "gzip"),
+        ("x-gzip", "gzip"),
+        ("gzip;q=0", None),
+        ("gzip;q=zero", None),  # malformed: refused rather than guessed
+        ("gzip;q=2", None),
+        ("gzip, gzip;q=0", None),  # named twice: the refusal wins
+        ("compress, identity", None),
+    ],
+)
+def test_accept_encoding_negotiation(accept_encoding, chosen):
+    assert choose_coding(accept_encoding) == chosen
+
+
+def test_negotiation_keeps_to_the_codings_offered():
+    assert choose_coding("br, zstd, gzip", ("gzip",)) == "gzip"
+    assert choose_coding("br, zstd", ("gzip", "deflate")) is None
+    assert choose_coding("gzip, deflate", ("deflate", "gzip")) == "deflate"
+
+
+JSON_ANSWERS = {
+    "openai-chat": (CHAT, bearer("k"), Behaviour()),
+    "anthropic-429": ("/v1/messages", {"x-api-key": "k"}, Behaviour(status=429)),
+    "gemini-generate": ("/v1beta/models/g:generateContent", {"x-goog-api-key": "k"}, Behaviour()),
+    "openai-404": ("/v1/nope", bearer("k"), Behaviour()),
+    "raw-503": (CHAT, bearer("k"), Behaviour(status=503, body=b"upstream connect error")),
+}
+
+
+@pytest.mark.parametrize("coding", CODINGS)
+@pytest.mark.parametrize("answer", JSON_ANSWERS)
+def test_json_answers_come_compressed_in_the_accepted_coding(provider, coding, answer):
+    path, headers, behaviour = JSON_ANSWERS[answer]
+    provider.behave("k", behaviour)
+    plain = httpx.post(
+        provider.url + path, json={}, headers={**headers, "Accept-Encoding": "*;q=0"}
+    )
+    assert "content-encoding" not in plain.headers
+    response, wire = raw_answer(provider, path, {**headers, "Accept-Encoding": coding})
+    assert response.status_code == plain.status_code
+    assert response.headers["content-encoding"] == coding
+    assert response.headers["vary"] == "Accept-Encoding"
+    assert int(response.headers["content-length"]) == len(wire)
+    body = decoder(coding)(wire)
+    assert wire != body
+    if answer.startswith("raw"):
+        assert body == plain.content
+    elif answer.endswith(("429", "404")):
+        assert json.loads(body) == plain.json()
+    else:
+        assert full_text() in body.decode()
+    assert provider.requests[-1].encoding == coding
+
+
+@pytest.mark.parametrize("coding", CODINGS)
+async def test_aiohttp_decodes_every_coding(provider, coding):
+    # aiohttp reads zstd (through backports.zstd) as well as br, gzip and deflate.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(provider.url + CHAT, json={}, headers=accepting(coding)) as response,
+    ):
+        assert response.headers["Content-Encoding"] == coding
+        answer = await response.json()
+    assert answer["choices"][0]["message"]["content"] == full_text()
+
+
+def test_the_sdks_get_br_and_read_it(provider):
+    # Their httpx asks for "gzip, deflate, br" when brotli is installed, as it is here.
+    openai_text = openai_client(provider).chat.completions.create(model="m", messages=[])
+    assert openai_text.choices[0].message.content == full_text()
+    with anthropic_client(provider).messages.stream(
+        model="m", max_tokens=1, messages=[{"role": "user", "content": "hi"}]
+    ) as stream:
+        assert "".join(stream.text_stream) == full_text()
+    client = gemini_client(provider)
+    chunks = client.models.generate_content_stream(model="gemini-2.5-flash", contents="hi")
+    assert "".join(c.text or "" for c in chunks) == full_text()
+    assert [r.encoding for r in provider.requests] == ["br", "br", "br"]
+
+
+def test_a_client_that_does_not_ask_gets_no_compression(provider):
+    with httpx.Client() as client:
+        request = client.build_request("POST", provider.url + CHAT, json={}, headers=bearer("k"))
+        del request.headers["Accept-Encoding"]
+        response = client.send(request)
+    assert "content-encoding" not in response.headers
+    # The answer still depended on the header, which caches need to know.
+    assert response.headers["vary"] == "Accept-Encoding"
+    assert response.json()["choices"][0]["message"]["content"] == full_text()
+    assert provider.requests[0].encoding is None
+
+
+def test_compression_can_be_turned_off_per_key_or_narrowed(provider):
+    provider.behave("plain", Behaviour(compress=False))
+    provider.behave("google-like", Behaviour(codings=("gzip",)))
+    response = httpx.post(provider.url + CHAT, json={}, headers=accepting("br, gzip", "plain"))
+    assert "content-encoding" not in response.headers
+    assert "vary" not in response.headers
+    response = httpx.post(
+        provider.url + CHAT, json={}, headers=accepting("br, gzip", "google-like")
+    )
+    assert response.headers["content-encoding"] == "gzip"
+    response = httpx.post(provider.url + CHAT, json={}, headers=accepting("br", "google-like"))
+    assert "content-encoding" not in response.headers
+    assert [r.encoding for r in provider.requests] == [None, "gzip", None]
+    with pytest.raises(ValueError, match="compress"):
+        Behaviour(codings=("compress",))  # type: ignore[arg-type]
+
+
+def test_a_provider_made_without_compression_never_compresses():
+    with FakeProvider(compress=False) as provider:
+        provider.behave("k", Behaviour(compress=True))
+        with stream_post(provider, headers=accepting("gzip, br")) as response:
+            assert "content-encoding" not in response.headers
+            assert "vary" not in response.headers
+            assert sse_data(list(response.iter_lines()))[-1] == "[DONE]"
+
+
+def sse_payloads(text: str) -> list[Any]:
+    return [json.loads(d) for d in sse_data(text.splitlines()) if d != "[DONE]"]
+
+
+STREAMS: dict[str, tuple[str, dict[str, str], Callable[[str], list[str]], bytes]] = {
+    # name: (path, headers, the content texts in a decoded body, its final frame's pattern)
+    "openai-chat": (
+        CHAT,
+        bearer("k"),
+        lambda text: [c["choices"][0]["delta"]["content"] for c in sse_payloads(text)[:-1]],
+        rb"data: \[DONE\]\n\n\Z",
+    ),
+    "openai-responses": (
+        "/v1/responses",
+        bearer("k"),
+        lambda text: [
+            e["delta"] for e in sse_payloads(text) if e["type"] == "response.output_text.delta"
+        ],
+        rb"event: response\.completed\ndata: [^\n]*\n\n\Z",
+    ),
+    "anthropic": (
+        "/v1/messages",
+        {"x-api-key": "k"},
+        lambda text: [
+            e["delta"]["text"] for e in sse_payloads(text) if e["type"] == "content_block_delta"
+        ],
+        rb"event: message_stop\ndata: [^\n]*\n\n\Z",
+    ),
+    "gemini-sse": (
+        "/v1beta/models/g:streamGenerateContent?alt=sse",
+        {"x-goog-api-key": "k"},
+        lambda text: [
+            c["candidates"][0]["content"]["parts"][0]["text"] for c in sse_payloads(text)
+        ],
+        rb'"finishReason": "STOP"[^\n]*\r\n\r\n\Z',
+    ),
+    "gemini-array": (
+        "/v1beta/models/g:streamGenerateContent",
+        {"x-goog-api-key": "k"},
+        lambda text: [c["candidates"][0]["content"]["parts"][0]["text"] for c in json.loads(text)],
+        rb"\]\Z",
+    ),
+}
+
+
+@pytest.mark.parametrize("coding", CODINGS)
+@pytest.mark.parametrize("kind", STREAMS)
+def test_streams_come_compressed_in_the_accepted_coding(provider, coding, kind):
+    path, headers, texts, final = STREAMS[kind]
+    response, wire = raw_answer(
+        provider, path, {**headers, "Accept-Encoding": coding}, {"stream": True, "contents": []}
+    )
+    assert response.headers["content-encoding"] == coding
+    assert response.headers["vary"] == "Accept-Encoding"
+    assert "content-length" not in response.headers
+    body = decoder(coding)(wire)
+    assert texts(body.decode()) == [chunk_text(i) for i in range(COMPLETION_TOKENS)]
+    assert re.search(final, body)
+    (received,) = provider.requests
+    assert (received.encoding, received.terminal_sent, received.finished) == (coding, True, True)
+
+
+@pytest.mark.parametrize("coding", CODINGS)
+async def test_compressed_stream_events_reach_a_decoding_client_one_at_a_time(provider, coding):
+    provider.behave("k", Behaviour(events=3, event_interval=0.5))
+    arrivals: list[float] = []
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            provider.url + CHAT, json={"stream": True}, headers=accepting(coding)
+        ) as response,
+    ):
+        assert response.headers["Content-Encoding"] == coding
+        async for line in response.content:
+            if line.startswith(b"data: {"):
+                arrivals.append(time.monotonic())
+                if len(arrivals) == 1:
+                    # Decoded while the provider has yet to write the second event: each
+                    # event is flushed through the compressor when it is written. (The
+                    # count is updated once a write returns, so it may still read 0.)
+                    assert provider.requests[0].events_sent < 2
+    assert len(arrivals) == 3 + 1  # the content events and the finish_reason chunk
+    gaps = [b - a for a, b in itertools.pairwise(arrivals[:3])]
+    assert all(gap >= 0.3 for gap in gaps), gaps
+
+
+@pytest.mark.parametrize("coding", CODINGS)
+def test_drop_after_cuts_a_compressed_stream_after_what_was_written(provider, coding):
+    provider.behave("k", Behaviour(drop_after=2))
+    pieces: list[bytes] = []
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        stream_post(provider, headers=accepting(coding)) as response,
+    ):
+        pieces.extend(response.iter_raw())
+    assert response.headers["content-encoding"] == coding
+    # No end of the coding came (no gzip trailer, no last brotli block): each event was
+    # flushed on its own, and that is enough to read it.
+    body = decoder(coding)(b"".join(pieces)).decode()
+    contents = [
+        json.loads(d)["choices"][0]["delta"]["content"] for d in sse_data(body.splitlines())
+    ]
+    assert contents == [chunk_text(0), chunk_text(1)]
+    (received,) = provider.requests
+    assert (received.dropped, received.terminal_sent, received.finished) == (True, False, False)
+
+
+# -- errors that quote the key ---------------------------------------------------------
+
+LEAKY_KEY = "sk-proj-0123456789abcdefABCDEF"
+
+
+def test_openai_401_quotes_the_whole_key(provider):
+    provider.behave(LEAKY_KEY, Behaviour(status=401))
+    with pytest.raises(openai.AuthenticationError) as caught:
+        openai_client(provider, LEAKY_KEY).chat.completions.create(model="m", messages=[])
+    assert caught.value.code == "invalid_api_key"
+    assert caught.value.body == {
+        "message": f"Incorrect API key provided: {LEAKY_KEY}. You can find your API key"
+        " at https://platform.openai.com/account/api-keys.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_api_key",
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "message"),
+    [
+        ("/v1/messages", {"x-api-key": LEAKY_KEY}, "invalid x-api-key"),
+        (
+            "/v1beta/models/g:generateContent",
+            {"x-goog-api-key": LEAKY_KEY},
+            "Request had invalid authentication credentials.",
+        ),
+        (
+            "/v1beta/openai/chat/completions",
+            bearer(LEAKY_KEY),
+            "Request had invalid authentication credentials.",
+        ),
+    ],
+)
+def test_anthropic_and_gemini_401s_do_not_quote_the_key(provider, path, headers, message):
+    provider.behave(LEAKY_KEY, Behaviour(status=401))
+    response = httpx.post(provider.url + path, json={}, headers=headers)
+    assert response.status_code == 401
+    assert response.json()["error"]["message"] == message
+    assert LEAKY_KEY not in response.text
+
+
+def test_invalid_key_message_and_missing_keys_keep_their_texts(provider):
+    provider.behave(LEAKY_KEY, Behaviour(invalid_key_message=True))
+    response = post_chat(provider, LEAKY_KEY, json={})
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "message": INVALID_KEY_MESSAGE,
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_api_key",
+    }
+    response = httpx.post(provider.url + CHAT, json={})
+    assert (response.status_code, response.json()["error"]["message"]) == (
+        401,
+        "You didn't provide an API key.",
+    )
+    response = httpx.post(provider.url + "/v1/messages", json={}, headers={"x-api-key": ""})
+    assert (response.status_code, response.json()["error"]["message"]) == (
+        401,
+        "x-api-key header is required",
+    )
+
+
+def test_error_body_quotes_the_key_only_for_openai_401():
+    quoted = error_body("openai", 401, key="sk-x")["error"]["message"]
+    assert quoted.startswith("Incorrect API key provided: sk-x. ")
+    assert error_body("openai", 401)["error"]["message"] == "Incorrect API key provided."
+    assert error_body("openai", 401, "told", key="sk-x")["error"]["message"] == "told"
+    assert "sk-x" not in json.dumps(error_body("openai", 403, key="sk-x"))
+    assert "sk-x" not in json.dumps(error_body("anthropic", 401, key="sk-x"))
+    assert "sk-x" not in json.dumps(error_body("gemini", 401, key="sk-x"))
+
+
+# -- a stream held open after its last event -------------------------------------------
+
+
+@pytest.mark.parametrize("kind", STREAMS)
+def test_tail_delay_holds_the_body_open_after_the_final_frame(provider, kind):
+    path, headers, _, final = STREAMS[kind]
+    provider.behave("k", Behaviour(tail_delay=0.5))
+    body = b""
+    final_at = None
+    # httpx asks for br and decodes it as it arrives: the final frame is readable before
+    # the br stream's end, which only comes with the body's.
+    with httpx.stream(
+        "POST", provider.url + path, json={"stream": True, "contents": []}, headers=headers
+    ) as response:
+        assert response.headers["content-encoding"] == "br"
+        for piece in response.iter_bytes():
+            body += piece
+            if final_at is None and re.search(final, body):
+                final_at = time.monotonic()
+    ended_at = time.monotonic()
+    assert final_at is not None
+    assert ended_at - final_at >= 0.4
+    (received,) = provider.requests
+    assert (received.terminal_sent, received.finished, received.tail_cut) == (True, True, False)
+
+
+def test_an_sdk_that_stops_at_the_final_event_cuts_the_tail_without_a_disconnect(provider):
+    provider.behave("k", Behaviour(tail_delay=5))
+    began = time.monotonic()
+    # The sync OpenAI SDK breaks at `data: [DONE]` and closes the response there.
+    stream = openai_client(provider, "k").chat.completions.create(
+        model="m", messages=[], stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == full_text()
+    assert time.monotonic() - began < 2
+    assert provider.wait_until(lambda: provider.requests[0].tail_cut, timeout=3)
+    (received,) = provider.requests
+    assert (received.terminal_sent, received.finished, received.disconnected) == (
+        True,
+        True,
+        False,
+    )
+    assert provider.disconnects == 0
+
+
+def test_leaving_before_the_final_event_is_still_a_disconnect_with_a_tail(provider):
+    provider.behave("k", Behaviour(tail_delay=5, event_interval=0.2))
+    with stream_post(provider) as response:
+        next(response.iter_lines())
+    assert provider.wait_for_disconnects(1, timeout=2)
+    (received,) = provider.requests
+    assert (received.terminal_sent, received.tail_cut, received.finished) == (False, False, False)
+
+
+# -- rate-limit headers ----------------------------------------------------------------
+
+RATELIMIT_HEADERS = [
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens",
+]
+
+
+def test_openai_ratelimit_headers_come_only_when_asked(provider):
+    provider.behave("plain", Behaviour(status=429))
+    provider.behave("waits", Behaviour(status=429, retry_after="2", ratelimit_headers=True))
+    provider.behave("limited", Behaviour(status=429, ratelimit_headers=True))
+    provider.behave("fine", Behaviour(ratelimit_headers=True))
+    plain = post_chat(provider, "plain", json={})
+    assert not set(RATELIMIT_HEADERS) & set(plain.headers)
+    assert "retry-after" not in plain.headers
+    waits = post_chat(provider, "waits", json={})
+    assert waits.headers["retry-after"] == "2"
+    assert (
+        waits.headers["x-ratelimit-remaining-requests"],
+        waits.headers["x-ratelimit-reset-requests"],
+    ) == ("0", "2s")
+    assert waits.headers["x-ratelimit-limit-requests"] == "500"
+    limited = post_chat(provider, "limited", json={})
+    assert limited.headers["x-ratelimit-reset-requests"] == "1s"
+    fine = post_chat(provider, "fine", json={})
+    assert fine.status_code == 200
+    assert {h: fine.headers[h] for h in RATELIMIT_HEADERS} == openai_ratelimit_headers(200)
+    assert fine.headers["x-ratelimit-remaining-requests"] == "499"
+
+
+def test_ratelimit_headers_are_openais_alone(provider):
+    provider.behave("k", Behaviour(status=429, ratelimit_headers=True))
+    for path, headers in [
+        ("/v1/messages", {"x-api-key": "k"}),
+        ("/v1beta/models/g:generateContent", {"x-goog-api-key": "k"}),
+    ]:
+        response = httpx.post(provider.url + path, json={}, headers=headers)
+        assert response.status_code == 429
+        assert not set(RATELIMIT_HEADERS) & set(response.headers)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "written"),
+    [(0.032, "32ms"), (0.12, "120ms"), (1, "1s"), (2.5, "2.5s"), (360, "6m0s"), (90.5, "1m30.5s")],
+)
+def test_resets_are_written_as_openai_writes_them(seconds, written):
+    assert duration(seconds) == written

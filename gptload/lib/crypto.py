@@ -72,3 +72,12 @@ def current_cipher() -> Cipher:
     from django.conf import settings
 
     return cipher_for(settings.ENCRYPTION_KEY)
+
+
+def read_under(cipher: Cipher, stored: str, key_hash: str) -> str | None:
+    """The plaintext of a stored key if it was written under `cipher`, else None."""
+    try:
+        plain = cipher.decrypt(stored)
+    except DecryptionError:
+        return None
+    return plain if hmac.compare_digest(cipher.hash(plain), key_hash) else None

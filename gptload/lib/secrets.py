@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from typing import AnyStr
 
 DEFAULT_AUTH_KEY = "sk-123456"
 WEAK_WORDS = ("password", "123456", "admin", "secret", "sk-123456")
@@ -39,3 +40,13 @@ def constant_time_in(candidate: str, secrets: list[str] | tuple[str, ...]) -> bo
     for secret in secrets:
         found |= hmac.compare_digest(encoded, secret.encode())
     return found
+
+
+def mask_in(text: AnyStr, secret: str) -> AnyStr:
+    """`text` with every copy of `secret` replaced by its masked form (str or bytes)."""
+    if not secret:
+        return text
+    if isinstance(text, bytes):
+        raw = secret.encode()
+        return text.replace(raw, mask(secret).encode()) if raw in text else text
+    return text.replace(secret, mask(secret)) if secret in text else text

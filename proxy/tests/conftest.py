@@ -12,10 +12,10 @@ from django.conf import settings as django_settings
 
 from conftest import free_port
 from keys.models import APIKey, Group
+from keys.states import KEY_STATES
 from proxy.pipeline import limiter
 from proxy.recorder import recorder
 from proxy.runtime import runtime
-from proxy.shared import KEY_STATES
 from settings_app.models import SystemSetting
 from tests.fakeprovider import FakeProvider
 

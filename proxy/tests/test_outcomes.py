@@ -154,7 +154,7 @@ def test_a_fault_of_gptloads_own_answers_500_in_the_providers_shape(
     def broken(*args: object) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("proxy.pipeline.apply_header_rules", broken)
+    monkeypatch.setattr("proxy.pipeline.choose", broken)
     with pytest.raises(openai.InternalServerError) as caught:
         client(gateway).chat.completions.create(**CHAT)
     assert caught.value.status_code == 500
@@ -186,7 +186,7 @@ def test_a_request_body_that_never_arrives_gets_408(gateway, make_group, setting
 def test_key_states_are_shared_through_redis(gateway, provider, make_group):
     import redis
 
-    from proxy.shared import KEY_STATES, KEYS_CHANNEL, KeyState
+    from keys.states import KEY_STATES, KEYS_CHANNEL, SharedState
 
     shared = redis.Redis.from_url(django_settings.REDIS_DSN)
     group = make_group(keys=("bad", "k1", "k2"))
@@ -195,10 +195,10 @@ def test_key_states_are_shared_through_redis(gateway, provider, make_group):
         client(gateway).chat.completions.create(**CHAT)
     bad = APIKey.objects.with_secret(group, "bad").get()
     assert wait_until(lambda: shared.hget(KEY_STATES, str(bad.pk)) is not None)
-    assert KeyState.decode(shared.hget(KEY_STATES, str(bad.pk)))[1].status == "invalid"  # type: ignore[arg-type,index]
+    assert SharedState.decode(shared.hget(KEY_STATES, str(bad.pk)))[1].status == "invalid"  # type: ignore[arg-type,index]
     # Another node benches k1: this one stops using it at once.
     k1 = APIKey.objects.with_secret(group, "k1").get()
-    benched = KeyState(k1.pk, "invalid", 0.0, 0, time.time() + 1)
+    benched = SharedState(k1.pk, group.pk, "invalid", 0.0, 0, time.time() + 1)
     shared.publish(KEYS_CHANNEL, benched.encode(node="another node"))
     time.sleep(0.3)
     provider.clear()

@@ -101,7 +101,7 @@ def test_retries_are_logged_apart_from_the_final_attempt(gateway, provider, make
     rows = logged(3)
     retry = next(r for r in rows if r.request_type == "retry")
     assert (retry.status_code, retry.is_success) == (401, False)
-    assert retry.error_message == "Incorrect API key provided."
+    assert retry.error_message.startswith("Incorrect API key provided: ****.")  # masked
     assert [r.status_code for r in rows if r.request_type == "final"] == [200, 200]
     bad = APIKey.objects.with_secret(group, "bad").get()
     assert wait_until(lambda: APIKey.objects.get(pk=bad.pk).failure_count == 1)

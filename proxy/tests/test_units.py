@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 
+import brotli
 import orjson
 import pytest
+from backports import zstd
 
+from gptload.lib.providers import provider_for
+from gptload.lib.secrets import mask_in
+from keys.states import parse_duration
+from logs.writer import LogEntry
 from proxy import modellist
-from proxy.pipeline import mask_in, parse_duration, readable_encodings
-from proxy.providers import provider_for
-from proxy.recorder import Entry, Recorder
+from proxy.recorder import Recorder
 from proxy.usage import UsageTap
 
 OPENAI = provider_for("openai")
@@ -66,12 +71,55 @@ def test_usage_is_read_through_gzip_and_from_the_tail_of_a_big_body():
     assert tap.usage.prompt_tokens == 1
 
 
-def test_unreadable_encodings_pass_through_and_are_not_asked_for():
-    tap = UsageTap(OPENAI, sse=True, encoding="br", strip=False)
-    assert run(tap, [b"\x8b\x00garbage"]) == b"\x8b\x00garbage"
-    assert tap.usage is None
-    assert readable_encodings("gzip, deflate, br, zstd") == "gzip, deflate"
-    assert readable_encodings("br") == "identity"
+def compress(body: bytes, encoding: str) -> bytes:
+    if encoding == "gzip":
+        return gzip.compress(body)
+    if encoding == "deflate":
+        return zlib.compress(body)
+    if encoding == "br":
+        return brotli.compress(body)
+    return zstd.compress(body)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+def test_usage_and_the_last_event_are_read_through_every_encoding(encoding):
+    body = sse(chunk("a"), USAGE) + b"data: [DONE]\n\n"
+    packed = compress(body, encoding)
+    tap = UsageTap(OPENAI, sse=True, encoding=encoding, strip=True)
+    parts = [packed[i : i + 7] for i in range(0, len(packed), 7)]
+    assert run(tap, parts) == packed  # the client gets the upstream's bytes
+    assert tap.usage is not None
+    assert tap.usage.total_tokens == 7
+    assert tap.terminal
+
+
+def test_an_unknown_or_corrupt_encoding_passes_through_unread():
+    for encoding in ("compress", "br"):
+        tap = UsageTap(OPENAI, sse=True, encoding=encoding, strip=False)
+        assert run(tap, [b"\x8b\x00garbage"]) == b"\x8b\x00garbage"
+        assert tap.usage is None
+
+
+def test_a_stream_without_its_last_event_is_not_complete():
+    tap = UsageTap(OPENAI, sse=True, encoding="", strip=False)
+    run(tap, [sse(chunk("a"), chunk("b"))])
+    assert not tap.terminal
+
+
+@pytest.mark.parametrize(
+    ("channel", "last"),
+    [
+        ("anthropic", {"type": "message_stop"}),
+        ("openai-response", {"type": "response.completed", "response": {"usage": {}}}),
+        ("gemini", {"candidates": [{"finishReason": "STOP"}]}),
+    ],
+)
+def test_each_providers_last_event_is_known(channel, last):
+    tap = UsageTap(provider_for(channel), sse=True, encoding="", strip=False)
+    run(tap, [sse({"type": "ping", "candidates": [{"content": {}}]})])
+    assert not tap.terminal
+    run(tap, [sse(last)])
+    assert tap.terminal
 
 
 def test_anthropic_and_gemini_usage_add_up_across_events():
@@ -118,7 +166,7 @@ def test_rate_limit_durations(text, seconds):
 def test_keys_are_masked_in_text_and_bytes():
     secret = "sk-abcdefghijklmnop"
     assert secret not in mask_in(f"bad key {secret}!", secret)
-    assert secret.encode() not in mask_in(b"key=" + secret.encode(), secret.encode())
+    assert secret.encode() not in mask_in(b"key=" + secret.encode(), secret)
     assert mask_in("nothing here", secret) == "nothing here"
 
 
@@ -126,7 +174,7 @@ async def test_the_log_buffer_is_bounded_and_counts_what_it_drops():
     recorder = Recorder(limit=2)
     recorder.configure(60)
     for _ in range(3):
-        recorder.record(Entry(0.0, 1, "g", None, "", None, "", "", "m", 200, "", True, 1, "",
+        recorder.record(LogEntry(0.0, 1, "g", None, "", None, "", "", "m", 200, "", True, 1, "",
                               "/", "", False))  # fmt: skip
     assert (len(recorder.buffer), recorder.dropped) == (2, 1)
     assert recorder._task is not None

@@ -4,7 +4,15 @@ from typing import Any
 
 import orjson
 
-from proxy.providers.base import Outbound, Provider, Usage, _int
+from gptload.lib.providers.base import (
+    PROBE_TEXT,
+    Outbound,
+    ProbeCall,
+    Provider,
+    Usage,
+    _int,
+    _query,
+)
 
 ANTHROPIC_VERSION = "2023-06-01"
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -13,6 +21,8 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 
 class AnthropicProvider(Provider):
     channel = "anthropic"
+    label = "Anthropic"
+    default_upstream = "https://api.anthropic.com"
     key_header = "x-api-key"
 
     def inject_key(self, outbound: Outbound, key: str) -> None:
@@ -33,3 +43,20 @@ class AnthropicProvider(Provider):
         if not isinstance(usage, dict):
             return None
         return Usage(_int(usage.get("input_tokens")), _int(usage.get("output_tokens")))
+
+    def is_terminal(self, data: bytes, payload: Any) -> bool:
+        return (
+            b"message_stop" in data
+            and isinstance(payload, dict)
+            and (payload.get("type") == "message_stop")
+        )
+
+    def model_list_probe(self) -> ProbeCall:
+        return ProbeCall("GET", "/v1/models", (("limit", "1"),), None)
+
+    def generation_probe(self, model: str, endpoint: str) -> ProbeCall:
+        # Anthropic requires max_tokens, and 1 is enough.
+        path, _, query = (endpoint or "/v1/messages").partition("?")
+        body = {"model": model, "max_tokens": 1,
+                "messages": [{"role": "user", "content": PROBE_TEXT}]}  # fmt: skip
+        return ProbeCall("POST", path, _query(query), body)

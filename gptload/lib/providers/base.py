@@ -1,4 +1,10 @@
-"""What the proxy needs to know about a provider's wire format."""
+"""What gptload knows about a provider's wire format, for the proxy and the key checker.
+
+One `Provider` per channel type answers every question that differs between them: where
+the key goes, where the model is named, whether a call streams, how an error is shaped,
+where token usage is reported, when a stream is complete, and how a key is checked (a
+free model-list call, or GPT-Load's small generation call).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,9 @@ INVALID_KEY_HINTS = (
     "invalid api key",
     "invalid x-api-key",
     "incorrect api key",
+    "api_key_invalid",
 )
+PROBE_TEXT = "hi"
 
 
 @dataclass
@@ -36,12 +44,30 @@ class Outbound:
     headers: dict[str, str]
 
 
+@dataclass(frozen=True)
+class ProbeCall:
+    """A request that checks a key: method, path, query and JSON body (None: no body)."""
+
+    method: str
+    path: str
+    query: tuple[tuple[str, str], ...]
+    body: dict[str, Any] | None
+
+
 class Provider:
     channel = ""
+    label = ""
+    default_upstream = ""
     key_header = "authorization"
+    # GPT-Load's validation_endpoint applies to this channel (Gemini ignores it).
+    takes_validation_endpoint = True
 
     def inject_key(self, outbound: Outbound, key: str) -> None:
         outbound.headers["authorization"] = f"Bearer {key}"
+
+    def key_in_query(self, path: str) -> bool:
+        """Whether the upstream key travels as `?key=` on this path (else in a header)."""
+        return False
 
     def model_of(self, path: str, body: dict[str, Any] | None) -> str:
         model = body.get("model") if body else None
@@ -75,6 +101,31 @@ class Provider:
 
     def wants_usage_injection(self, path: str) -> bool:
         return False
+
+    def is_terminal(self, data: bytes, payload: Any) -> bool:
+        """Whether one stream event (its raw `data:` and, when parsed, its JSON) is the
+        last one of a complete answer: after it, nothing the client needs is left."""
+        return data == b"[DONE]"
+
+    def model_list_probe(self) -> ProbeCall:
+        """The free call that authenticates a key: the provider's model list."""
+        return ProbeCall("GET", "/v1/models", (), None)
+
+    def generation_probe(self, model: str, endpoint: str) -> ProbeCall:
+        """GPT-Load's check: a minimal generation call with the group's test model.
+
+        No output cap: reasoning models refuse `max_tokens` with a 400, which would keep
+        their keys invalid for ever; a one-word answer to "hi" costs next to nothing.
+        """
+        messages = [{"role": "user", "content": PROBE_TEXT}]
+        path, _, query = (endpoint or "/v1/chat/completions").partition("?")
+        return ProbeCall("POST", path, _query(query), {"model": model, "messages": messages})
+
+
+def _query(text: str) -> tuple[tuple[str, str], ...]:
+    from urllib.parse import parse_qsl
+
+    return tuple(parse_qsl(text, keep_blank_values=True))
 
 
 def parse_error_message(body: bytes) -> str:

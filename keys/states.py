@@ -1,0 +1,469 @@
+"""The upstream keys' state machine: what an attempt's outcome does to its key.
+
+```
+ active ──429──▶ cooling(until) ──time──▶ active
+   │ ──401/403 or "invalid key"──▶ invalid ──validation ok──▶ active
+   │ ──5xx / 408 / network: consecutive count ≥ blacklist_threshold──▶ invalid
+   └──operator──▶ disabled (never chosen, never restored by itself)
+```
+
+Everything about it lives here, for the proxy and the key checker alike:
+
+- `classify()`: what an upstream answer says about the key that carried it;
+- `KeyEntry` and `KeyPool`: a group's keys in memory, with an O(1) pick (a ring of the
+  usable keys; a cooling key waits in a heap, out of the ring, until its time) and the
+  pool-wide 429 throttle;
+- `KeyStates`: the transitions of in-memory keys, written behind to the database in
+  one batch a second and shared with other nodes through Redis (a hash of the states
+  that differ from plain active, and a pub/sub channel), so that a key benched on one
+  node is benched on all;
+- `after_check()` and `expire_cooling()`: the same transitions for stored rows (the key
+  checker's verdicts, cooling that ran out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import heapq
+import logging
+import re
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import orjson
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from gptload.lib.providers.base import looks_like_invalid_key
+from keys.models import APIKey, KeyStatus
+
+log = logging.getLogger("gptload.keys")
+DEFAULT_COOLDOWN = 60.0
+THROTTLE_WINDOW = 10.0  # seconds in which 429s from most of a pool mean the caller is throttled
+THROTTLE_MIN_KEYS = 3
+ERROR_LIMIT = 2048
+KEYS_CHANNEL = "gptload:keys"
+KEY_STATES = "gptload:key-states"
+NODE = uuid.uuid4().hex
+DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+DURATION_SCALE = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+# What a key is stored as when it is trusted again (validation passed, operator restore).
+ACTIVE_AGAIN: dict[str, Any] = {"status": KeyStatus.ACTIVE, "cooling_until": None,
+                                "consecutive_failures": 0, "last_error": ""}  # fmt: skip
+
+
+class Verdict(enum.Enum):
+    OK = "ok"
+    INVALID = "invalid"  # 401/403 or an "invalid key" message: the key itself is bad
+    RATE_LIMITED = "rate_limited"  # 429: the key authenticates, the provider is busy
+    FAILED = "failed"  # 5xx, 408, timeout, network: the key may be fine; counted
+    CLIENT = "client"  # other 4xx: the caller's mistake, nobody's fault
+
+
+def classify(status: int, message: str = "") -> Verdict:
+    """What an upstream's answer (or 502 for no answer) says about the key that carried it."""
+    if status < 400:
+        return Verdict.OK
+    if status in (401, 403) or looks_like_invalid_key(message):
+        return Verdict.INVALID
+    if status == 429:
+        return Verdict.RATE_LIMITED
+    if status >= 500 or status == 408:
+        return Verdict.FAILED
+    return Verdict.CLIENT
+
+
+def cooldown_of(headers: Mapping[str, str]) -> float:
+    """Seconds to rest a rate-limited key: Retry-After, else x-ratelimit-reset-*, else a default."""
+    retry_after = headers.get("retry-after")
+    if retry_after:
+        try:
+            return max(1.0, float(retry_after))
+        except ValueError:
+            try:
+                return max(1.0, parsedate_to_datetime(retry_after).timestamp() - time.time())
+            except (TypeError, ValueError):
+                pass
+    for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens", "x-ratelimit-reset"):
+        if seconds := parse_duration(headers.get(name) or ""):
+            return seconds
+    return DEFAULT_COOLDOWN
+
+
+def parse_duration(text: str) -> float | None:
+    """`20`, `1.5s`, `6m0s`, `250ms` → seconds (at least 1)."""
+    if not text:
+        return None
+    try:
+        return max(1.0, float(text))
+    except ValueError:
+        pass
+    parts = DURATION_PART.findall(text)
+    if not parts:
+        return None
+    return max(1.0, sum(float(n) * DURATION_SCALE[u] for n, u in parts))
+
+
+# In memory --------------------------------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class KeyEntry:
+    id: int
+    group_id: int
+    secret: str
+    hash: str
+    stored: str
+    status: str = KeyStatus.ACTIVE
+    cooling_until: float = 0.0  # wall-clock seconds
+    consecutive_failures: int = 0
+    changed_at: float = 0.0  # when its state last changed (wall clock), here or elsewhere
+
+    def adopt(self, status: str, until: float, failures: int, at: float) -> None:
+        self.status, self.cooling_until, self.consecutive_failures = status, until, failures
+        self.changed_at = at
+
+    def usable(self, now: float) -> bool:
+        if self.status == KeyStatus.ACTIVE:
+            return True
+        return self.status == KeyStatus.COOLING and self.cooling_until <= now
+
+
+class KeyPool:
+    """A group's keys: round robin over the usable ones in O(1) per pick.
+
+    The ring holds exactly the usable keys; taking one out swaps the last into its slot.
+    A cooling key waits in a heap ordered by its end, and goes back into the ring when a
+    pick finds its time has come. The pool also carries the group's 429 back-off.
+    """
+
+    def __init__(self, keys: Iterable[KeyEntry] = ()) -> None:
+        self.keys: dict[int, KeyEntry] = {}
+        self.ring: list[KeyEntry] = []
+        self.slot: dict[int, int] = {}
+        self.cooling: list[tuple[float, int, KeyEntry]] = []
+        self.turn = 0
+        self.backoff_until = 0.0  # the whole pool is rate limited until then
+        self.recent_429: list[tuple[float, KeyEntry]] = []
+        now = time.time()
+        for key in keys:
+            self.keys[key.id] = key
+            self.place(key, now)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def place(self, key: KeyEntry, now: float) -> None:
+        """Puts `key` where its state says: the ring, the cooling heap, or neither."""
+        if key.usable(now):
+            if key.id not in self.slot and key.id in self.keys:
+                self.slot[key.id] = len(self.ring)
+                self.ring.append(key)
+            return
+        self._leave(key)
+        if key.status == KeyStatus.COOLING:
+            heapq.heappush(self.cooling, (key.cooling_until, key.id, key))
+
+    def _leave(self, key: KeyEntry) -> None:
+        index = self.slot.pop(key.id, None)
+        if index is None:
+            return
+        last = self.ring.pop()
+        if last is not key:
+            self.ring[index] = last
+            self.slot[last.id] = index
+
+    def _wake(self, now: float) -> None:
+        while self.cooling and self.cooling[0][0] <= now:
+            _, _, key = heapq.heappop(self.cooling)
+            if key.status == KeyStatus.COOLING and key.cooling_until <= now:
+                self.place(key, now)
+
+    def pick(self, now: float, exclude: set[int] | frozenset[int] = frozenset()) -> KeyEntry | None:
+        """The next usable key not in `exclude`; a tried one when no other is left (a small
+        pool may repeat a key on retry, as GPT-Load does); None when none is usable."""
+        if self.cooling and self.cooling[0][0] <= now:
+            self._wake(now)
+        ring = self.ring
+        count = len(ring)
+        if not count:
+            return None
+        key = ring[self.turn % count]
+        self.turn += 1
+        if exclude:
+            for _ in range(min(count, len(exclude) + 1) - 1):
+                if key.id not in exclude:
+                    break
+                key = ring[self.turn % count]
+                self.turn += 1
+        return key
+
+    def has_usable(self, now: float) -> bool:
+        if self.cooling and self.cooling[0][0] <= now:
+            self._wake(now)
+        return bool(self.ring)
+
+    def next_ready_in(self, now: float) -> float | None:
+        """Seconds until the first cooling key is usable again, or None if none cools."""
+        for until, _, key in sorted(self.cooling)[:64]:
+            if key.status == KeyStatus.COOLING and key.cooling_until == until:
+                return max(0.0, until - now)
+        return None
+
+
+# Transitions --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SharedState:
+    """A key's state as nodes tell each other through Redis."""
+
+    id: int
+    group_id: int
+    status: str
+    until: float
+    failures: int
+    at: float  # when the change happened (wall clock)
+
+    def encode(self, node: str = NODE) -> bytes:
+        return orjson.dumps({"node": node, "id": self.id, "g": self.group_id, "s": self.status,
+                             "u": self.until, "f": self.failures, "t": self.at})  # fmt: skip
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> tuple[str, SharedState] | None:
+        try:
+            data = orjson.loads(raw)
+            return str(data.get("node", "")), cls(
+                int(data["id"]), int(data["g"]), str(data["s"]), float(data["u"]),
+                int(data["f"]), float(data["t"]),
+            )  # fmt: skip
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+
+
+class KeyStates:
+    """The transitions of in-memory keys, their write-behind, and their sharing.
+
+    Transitions run on the event loop and never wait: a change is noted for the next
+    batch write (`flush()`, once a second) and, with Redis, published at once.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[int, KeyEntry] = {}
+        self.errors: dict[int, str] = {}
+        self.redis: Any = None  # redis.asyncio client in cluster mode
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- the machine --
+
+    def succeeded(self, key: KeyEntry) -> None:
+        if key.consecutive_failures or key.status != KeyStatus.ACTIVE:
+            key.consecutive_failures, key.status, key.cooling_until = 0, KeyStatus.ACTIVE, 0.0
+            self._changed(key)
+
+    def failed(
+        self,
+        pool: KeyPool,
+        key: KeyEntry,
+        verdict: Verdict,
+        error: str,
+        *,
+        threshold: int,
+        cooldown: float = DEFAULT_COOLDOWN,
+    ) -> None:
+        """Applies a failed attempt's verdict to its key (CLIENT and OK change nothing)."""
+        now = time.time()
+        if verdict is Verdict.INVALID:
+            key.status = KeyStatus.INVALID
+            pool.place(key, now)
+            self._changed(key, error)
+        elif verdict is Verdict.RATE_LIMITED:
+            self._throttle(pool, key, cooldown, error, now)
+        elif verdict is Verdict.FAILED:
+            key.consecutive_failures += 1
+            if threshold and key.consecutive_failures >= threshold:
+                key.status = KeyStatus.INVALID
+                pool.place(key, now)
+            self._changed(key, error)
+
+    def _throttle(
+        self, pool: KeyPool, key: KeyEntry, cooldown: float, error: str, now: float
+    ) -> None:
+        """429: cools the key, unless most of the pool said 429 at once; then the pool rests."""
+        recent = [(t, k) for t, k in pool.recent_429 if t > now - THROTTLE_WINDOW] + [(now, key)]
+        pool.recent_429 = recent
+        hit = {k for _, k in recent}
+        if len(hit) >= THROTTLE_MIN_KEYS and 2 * len(hit) >= len(pool):
+            pool.backoff_until = max(pool.backoff_until, now + cooldown)
+            pool.recent_429 = []
+            log.warning("%d keys of one pool rate limited at once; backing the group off %.0f s",
+                        len(hit), cooldown)  # fmt: skip
+            for benched in hit:  # the caller is throttled, not each key: they stay in rotation
+                benched.status, benched.cooling_until = KeyStatus.ACTIVE, 0.0
+                pool.place(benched, now)
+                self._changed(benched, error if benched is key else "")
+            return
+        key.status, key.cooling_until = KeyStatus.COOLING, now + cooldown
+        pool.place(key, now)
+        self._changed(key, error)
+
+    def _changed(self, key: KeyEntry, error: str = "") -> None:
+        key.changed_at = time.time()
+        self.pending[key.id] = key
+        if error:
+            self.errors[key.id] = error[:ERROR_LIMIT]
+        if self.redis is not None:
+            state = SharedState(key.id, key.group_id, key.status, key.cooling_until,
+                                key.consecutive_failures, key.changed_at)  # fmt: skip
+            task = asyncio.get_running_loop().create_task(self._publish(state))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def adopt(self, pool: KeyPool | None, key: KeyEntry | None, state: SharedState) -> None:
+        """Another node changed a key's state: take it over, unless ours is newer."""
+        if key is None or key.changed_at >= state.at:
+            return
+        key.adopt(state.status, state.until, state.failures, state.at)
+        if pool is not None:
+            pool.place(key, time.time())
+
+    # -- write-behind --
+
+    def take(self) -> tuple[list[KeyEntry], dict[int, str]]:
+        """The changes waiting to be written, handed over (and forgotten here)."""
+        batch, errors = list(self.pending.values()), self.errors
+        self.pending, self.errors = {}, {}
+        return batch, errors
+
+    def write_now(self) -> None:
+        """Writes what waits, in this thread (at exit, where no event loop runs any more)."""
+        if self.pending:
+            try:
+                write_states(*self.take())
+            except Exception:
+                log.exception("key states not written at exit")
+
+    # -- sharing (cluster mode) --
+
+    async def _publish(self, state: SharedState) -> None:
+        payload = state.encode()
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                if state.status == KeyStatus.ACTIVE and not state.failures:
+                    pipe.hdel(KEY_STATES, str(state.id))
+                else:
+                    pipe.hset(KEY_STATES, str(state.id), payload)
+                pipe.publish(KEYS_CHANNEL, payload)
+                await pipe.execute()
+        except Exception as exc:
+            log.warning("could not share key %s's state through Redis: %s", state.id, exc)
+
+    def read_shared(self) -> list[SharedState]:
+        """Every state shared through Redis (none without it); cooling states that ran out
+        are dropped from the hash. Sync: for snapshot builds, off the event loop."""
+        if not settings.REDIS_DSN:
+            return []
+        from django_redis import get_redis_connection
+
+        try:
+            redis = get_redis_connection("default")
+            raw = redis.hgetall(KEY_STATES)
+        except Exception as exc:
+            log.warning("shared key states unavailable (%s); using the database's", exc)
+            return []
+        states, stale = [], []
+        now = time.time()
+        for field, value in raw.items():
+            decoded = SharedState.decode(value)
+            if decoded is None:
+                stale.append(field)
+                continue
+            state = decoded[1]
+            if state.status == KeyStatus.COOLING and state.until <= now and not state.failures:
+                stale.append(field)
+                continue
+            states.append(state)
+        if stale:
+            with contextlib.suppress(Exception):
+                redis.hdel(KEY_STATES, *stale)
+        return states
+
+    async def drain(self) -> None:
+        """Waits for the publications in flight (at shutdown)."""
+        for task in list(self._tasks):
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def from_other_node(raw: bytes | str) -> SharedState | None:
+    """A state published on `KEYS_CHANNEL` by another node (None: ours, or unreadable)."""
+    decoded = SharedState.decode(raw)
+    if decoded is None or decoded[0] == NODE:
+        return None
+    return decoded[1]
+
+
+# Stored rows --------------------------------------------------------------------------------
+
+
+def write_states(keys: list[KeyEntry], errors: dict[int, str]) -> None:
+    """Stores in-memory key states in one transaction (not a configuration change)."""
+    now = datetime.now(UTC)
+    with transaction.atomic():
+        for key in keys:
+            fields: dict[str, Any] = {
+                "status": key.status,
+                "consecutive_failures": key.consecutive_failures,
+                "cooling_until": datetime.fromtimestamp(key.cooling_until, UTC)
+                if key.status == KeyStatus.COOLING
+                else None,
+                "status_changed_at": now,
+            }
+            if key.id in errors:
+                fields["last_error"] = errors[key.id]
+            APIKey.objects.filter(pk=key.id).update(**fields)
+
+
+def after_check(status: str, verdict: Verdict, error: str, now: datetime) -> dict[str, Any]:
+    """The stored changes a key checker's verdict makes to a key in `status`.
+
+    - a pass: active, its failure streak and error forgotten;
+    - 429: the key authenticates: an invalid key is trusted again, an active or cooling
+      one is left as it is (the proxy's own 429 handling owns cooling);
+    - invalid: benched with the reason;
+    - anything else (5xx, other 4xx, timeout, network): says nothing about the key, so
+      only the error is recorded;
+    - a disabled key (an operator's choice) only has its error recorded.
+    """
+    if status == KeyStatus.DISABLED:
+        return {"last_error": error}
+    if verdict is Verdict.OK or (verdict is Verdict.RATE_LIMITED and status == KeyStatus.INVALID):
+        return {**ACTIVE_AGAIN, "status_changed_at": now}
+    if verdict is Verdict.RATE_LIMITED:
+        return {}
+    if verdict is Verdict.INVALID:
+        return {"status": KeyStatus.INVALID, "cooling_until": None, "status_changed_at": now,
+                "last_error": error}  # fmt: skip
+    return {"last_error": error}
+
+
+def expire_cooling(now: datetime | None = None) -> int:
+    """Stores keys whose cooling has ended as active; returns how many.
+
+    Proxies put such a key back in rotation the moment its time comes; this makes the
+    admin and the API show what they already do.
+    """
+    now = now or timezone.now()
+    return APIKey.objects.filter(status=KeyStatus.COOLING, cooling_until__lte=now).update(
+        status=KeyStatus.ACTIVE, cooling_until=None, status_changed_at=now
+    )
+
+
+key_states = KeyStates()
