@@ -195,13 +195,14 @@ def assert_all_under(cipher: Cipher, secrets: list[str]) -> None:
 SECRETS = [f"sk-secret-{n:04d}-abcdefghij" for n in range(5)]
 
 
-def test_it_encrypts_plaintext_keys_and_their_logs(group):
+def test_it_encrypts_plaintext_keys_and_their_logs(group, django_capture_on_commit_callbacks):
     store(group, SECRETS, PLAIN)
     log_for(SECRETS[0], PLAIN, count=3)
     log_for("sk-of-a-deleted-key-0123", PLAIN)
     version = ConfigVersion.current()
 
-    out = run("migrate_keys", "--to", NEW)
+    with django_capture_on_commit_callbacks(execute=True):  # the command runs in autocommit
+        out = run("migrate_keys", "--to", NEW)
 
     assert_all_under(Cipher(NEW), SECRETS)
     assert all(
