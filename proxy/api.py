@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from ninja import NinjaAPI
 
 from proxy.pipeline import proxy
 
-api = NinjaAPI(urls_namespace="proxy", docs_url=None, openapi_url=None, title="gptload proxy")
+
+class ProxyAPI(NinjaAPI):
+    def create_temporal_response(self, request: HttpRequest) -> HttpResponse:
+        # Ninja makes one per call for operations that take a `response` argument; the
+        # proxy's does not, and always answers with its own response object.
+        return UNUSED_RESPONSE
+
+
+UNUSED_RESPONSE = HttpResponse()
+api = ProxyAPI(urls_namespace="proxy", docs_url=None, openapi_url=None, title="gptload proxy")
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
 
 

@@ -1,155 +1,221 @@
-"""The lean ASGI handler for `/proxy/`: Django's own, without what costs on every call.
+"""The ASGI application for `/proxy/`: the least that serves the proxy's ninja operation.
 
-Every sync middleware costs a thread hop per request under ASGI, the per-request
-ThreadSensitiveContext pins sync work to a fresh thread, and the stock `handle()` sends
-`request_started` and closes the response through `sync_to_async`: two more hops
-(PERFORMANCE.md §3). The proxy view is async and touches neither the ORM nor sessions,
-so it needs none of them. What this handler adds:
+Django's ASGI handler does a great deal per request that the proxy never uses, and the
+proxy is the path whose cost is the product: a `SpooledTemporaryFile` for the body, a
+full `META` dict, URL resolution, the middleware adapters, the `request_started` and
+`request_finished` signals and a thread hop to close each response (PERFORMANCE.md §3;
+measured here, these were a third of the gateway's CPU per call). This handler keeps
+what matters and drops the rest:
 
-- no per-response error log (the request log has every attempt);
-- `SERVER_READ_TIMEOUT` bounds reading the request body (408 when it runs out);
-- `SERVER_WRITE_TIMEOUT` bounds each write to the client, so a client that stops
-  reading cannot hold a stream open forever (a long stream that is read is not cut);
-- a client that disconnects cancels the view at once, before or during the stream,
-  and the relay is told so that the upstream request closes and the attempt is
-  logged as 499.
+- the body is read into memory (it is forwarded as bytes anyway), within
+  `SERVER_READ_TIMEOUT` (408 when it runs out);
+- the request is a `ProxyRequest`, an `ASGIRequest` whose `META` is built only if
+  something asks for it (CORS does, the pipeline does not);
+- the ninja operation is called directly: `/proxy/{group}/{path}` needs no resolver;
+- the one middleware is django-cors-headers' (async-native), when `ENABLE_CORS` is on,
+  so that `/proxy/` follows the same CORS configuration as the rest of the site and
+  preflights are answered before any proxy key is asked for;
+- a client that disconnects cancels the request at once, before or during the stream
+  (the relay then closes the upstream and logs the attempt);
+- `SERVER_WRITE_TIMEOUT` bounds each write: a client that stops reading cannot hold a
+  stream open for ever, while a long stream that is read is never cut. One watchdog per
+  process checks the writes in progress once a second, rather than a timer per chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable
+from functools import cached_property
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import RequestAborted
-from django.core.handlers.asgi import ASGIHandler, get_script_prefix
-from django.core.handlers.exception import convert_exception_to_response
+from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
-from django.urls import set_script_prefix, set_urlconf
 
 from proxy.pipeline import ProxyResponse
 
 log = logging.getLogger("gptload.proxy")
 TIMEOUT_BODY = b'{"error":{"message":"Request body not received in time.","type":"timeout"}}'
+NOT_FOUND_BODY = (
+    b'{"error":{"message":"Use /proxy/{group}/{the provider\'s own path}.",'
+    b'"type":"not_found_error","code":"not_found_error"}}'
+)
+View = Callable[[HttpRequest], Awaitable[HttpResponseBase]]
 
 
-class ProxyHandler(ASGIHandler):
-    def load_middleware(self, is_async: bool = False) -> None:
-        self._view_middleware: list[Any] = []
-        self._template_response_middleware: list[Any] = []
-        self._exception_middleware: list[Any] = []
-        chain = convert_exception_to_response(self._get_response_async)  # type: ignore[attr-defined]
-        if settings.ENABLE_CORS:
-            # The one middleware here, async-native: CORS exactly as configured for the
-            # rest of the site, and preflights answered before any proxy key is asked for.
-            from corsheaders.middleware import CorsMiddleware
+class Disconnected(Exception):
+    """The client went away before its request body was complete."""
 
-            chain = convert_exception_to_response(CorsMiddleware(chain))  # type: ignore[arg-type]
-        self._middleware_chain = chain
+
+class ProxyRequest(ASGIRequest):
+    """An `ASGIRequest` made from the scope and the body, with `META` built on first use."""
+
+    def __init__(self, scope: dict[str, Any], body: bytes, group: str, path: str) -> None:
+        self.scope = scope
+        self.method = scope["method"]
+        self.path = self.path_info = scope["path"]
+        self.script_name = ""
+        self.resolver_match = None
+        self._body = body
+        self._read_started = False
+        self._post_parse_error = False
+        self.proxy_route = (group, path)
+
+    @cached_property
+    def META(self) -> dict[str, Any]:  # type: ignore[override]
+        full = ASGIRequest(self.scope, io.BytesIO(self._body))
+        self.encoding, self.content_type = full.encoding, full.content_type
+        self.content_params = full.content_params
+        return full.META
+
+
+class Exchange:
+    """One request in flight: whether it ended because the client went away, and the
+    write in progress (when it began), for the watchdog."""
+
+    __slots__ = ("gone", "task", "writing_since")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.gone = False
+        self.writing_since = 0.0
+
+
+class ProxyHandler:
+    def __init__(self) -> None:
+        self._chain: View | None = None
+        self._exchanges: set[Exchange] = set()
+        self._watchdog: asyncio.Task[None] | None = None
+
+    @property
+    def chain(self) -> View:
+        if self._chain is None:
+            self._chain = self._build_chain()
+        return self._chain
+
+    def _build_chain(self) -> View:
+        from django.urls import resolve
+
+        view = resolve("/proxy/group/path").func  # the ninja operation's view
+
+        async def operation(request: HttpRequest) -> HttpResponseBase:
+            group, path = request.proxy_route  # type: ignore[attr-defined]
+            response: HttpResponseBase = await view(request, group=group, path=path)
+            return response
+
+        if not settings.ENABLE_CORS:
+            return operation
+        from corsheaders.middleware import CorsMiddleware
+
+        return CorsMiddleware(operation)  # type: ignore[return-value]
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await self.handle(scope, receive, send)
-
-    async def get_response_async(self, request: HttpRequest) -> HttpResponseBase:
-        # Django's own also logs every 4xx/5xx through a thread; an upstream's error is
-        # the provider's answer, recorded in the request log, not a server error of ours.
-        set_urlconf(settings.ROOT_URLCONF)
-        response: HttpResponseBase = await self._middleware_chain(request)  # type: ignore[misc]
-        response._resource_closers.append(request.close)  # type: ignore[attr-defined]
-        return response
-
-    async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        route = scope["path"].split("/", 3)  # "", "proxy", group, path
+        if len(route) < 4 or not route[2]:
+            await send_plain(send, 404, NOT_FOUND_BODY)
+            return
         try:
             async with asyncio.timeout(settings.SERVER_READ_TIMEOUT):
-                body_file = await self.read_body(receive)
-        except RequestAborted:
+                body = await read_body(receive)
+        except Disconnected:
             return
         except TimeoutError:
             await send_plain(send, 408, TIMEOUT_BODY)
             return
-        set_script_prefix(get_script_prefix(scope))
-        request, error_response = self.create_request(scope, body_file)
-        if request is None:
-            body_file.close()
-            if error_response is not None:
-                await self.send_response(error_response, send)
-            return
-        # Forwarded as bytes whatever their size (images in a vision request run to many
-        # MB): DATA_UPLOAD_MAX_MEMORY_SIZE guards form parsing, which the proxy never does.
-        request._body = body_file.read()
-        writer = BoundedSend(send, settings.SERVER_WRITE_TIMEOUT)
-        answered: list[HttpResponseBase] = []
-
-        async def respond() -> None:
-            response = await self.run_get_response(request)
-            answered.append(response)
-            await self.send_response(response, writer)
-
-        listener = asyncio.create_task(self.listen_for_disconnect(receive))
-        worker = asyncio.create_task(respond())
+        request = ProxyRequest(scope, body, route[2], route[3])
+        exchange = Exchange(asyncio.current_task())  # type: ignore[arg-type]
+        watcher = asyncio.create_task(self._watch_disconnect(receive, exchange))
+        response: HttpResponseBase | None = None
         try:
-            await asyncio.wait([listener, worker], return_when=asyncio.FIRST_COMPLETED)
+            response = await self.chain(request)
+            await self.send_response(response, send, exchange)
+        except asyncio.CancelledError:
+            if not exchange.gone:
+                raise
+            exchange.task.uncancel()
         finally:
-            await finish(worker)
-            await finish(listener)
-            relay = getattr(answered[0], "relay", None) if answered else None
+            watcher.cancel()
+            relay = getattr(response, "relay", None)
             if relay is not None:
-                await relay.aclose()
-            body_file.close()
+                relay.close()
 
-    async def send_response(self, response: HttpResponseBase, send: Any) -> None:
+    async def _watch_disconnect(self, receive: Any, exchange: Exchange) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        exchange.gone = True
+        exchange.task.cancel()
+
+    async def send_response(
+        self, response: HttpResponseBase, send: Any, exchange: Exchange
+    ) -> None:
         """The proxy's own answers go out as they are: the upstream's raw headers, the body
-        whole or chunk by chunk, and no thread hop to close them (nothing to close)."""
-        if not isinstance(response, ProxyResponse):
-            await super().send_response(response, send)
-            return
-        headers = response.raw_headers
-        if response.headers:  # set by a middleware (CORS)
+        whole or chunk by chunk; anything else (a refusal of ninja's) as Django would."""
+        if isinstance(response, ProxyResponse):
+            headers = response.raw_headers
+            body = response.body
+        else:
+            headers, body = [], getattr(response, "content", b"")
+            headers.append((b"content-length", str(len(body)).encode()))
+        if response.headers:  # set by a middleware (CORS), or Django's own
             headers = headers + [(k.lower().encode("latin-1"), v.encode("latin-1"))
                                  for k, v in response.headers.items()]  # fmt: skip
-        await send({"type": "http.response.start", "status": response.status_code,
-                    "headers": headers})  # fmt: skip
-        if response.relay is None:
-            await send({"type": "http.response.body", "body": response.body})
-            return
-        async for chunk in response.relay:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
-
-
-class BoundedSend:
-    """The ASGI `send`, with a limit on how long one write may wait for the client."""
-
-    def __init__(self, send: Any, timeout: float) -> None:
-        self.send, self.timeout = send, timeout
-
-    async def __call__(self, message: Mapping[str, Any]) -> None:
+        self._exchanges.add(exchange)
         try:
-            async with asyncio.timeout(self.timeout):
-                await self.send(message)
-        except TimeoutError:
-            log.info("client did not read for %s s; dropping the response", self.timeout)
-            raise asyncio.CancelledError from None
+            await self._write(send, exchange, {"type": "http.response.start",
+                                               "status": response.status_code, "headers": headers})  # fmt: skip
+            relay = getattr(response, "relay", None)
+            if relay is None:
+                await self._write(send, exchange, {"type": "http.response.body", "body": body})
+                return
+            async for chunk in relay:
+                await self._write(send, exchange, {"type": "http.response.body", "body": chunk,
+                                                   "more_body": True})  # fmt: skip
+            await self._write(send, exchange, {"type": "http.response.body", "body": b""})
+        finally:
+            self._exchanges.discard(exchange)
+
+    async def _write(self, send: Any, exchange: Exchange, message: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        exchange.writing_since = loop.time()
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = loop.create_task(self._watch_writes())
+        await send(message)
+        exchange.writing_since = 0.0
+
+    async def _watch_writes(self) -> None:
+        """Cancels the requests whose client has not taken a write for SERVER_WRITE_TIMEOUT."""
+        loop = asyncio.get_running_loop()
+        limit = settings.SERVER_WRITE_TIMEOUT
+        while self._exchanges:
+            await asyncio.sleep(min(1.0, limit / 2))
+            now = loop.time()
+            for exchange in list(self._exchanges):
+                if exchange.writing_since and now - exchange.writing_since > limit:
+                    log.info("client did not read for %s s; dropping the response", limit)
+                    exchange.gone = True
+                    exchange.writing_since = 0.0
+                    exchange.task.cancel()
 
 
-async def finish(task: asyncio.Task[Any]) -> None:
-    """Cancels `task` if it is still running and waits for it; its own errors are logged."""
-    if not task.done():
-        task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, RequestAborted):
-        try:
-            await task
-        except (asyncio.CancelledError, RequestAborted):
-            raise
-        except Exception:
-            log.exception("proxy response failed")
+async def read_body(receive: Any) -> bytes:
+    parts: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Disconnected
+        if chunk := message.get("body"):
+            parts.append(chunk)
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 async def send_plain(send: Any, status: int, body: bytes) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    with contextlib.suppress(OSError):
+        await send({"type": "http.response.body", "body": body})

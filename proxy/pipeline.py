@@ -612,8 +612,9 @@ class Relay:
     How a stream ends decides what is logged: the provider's last event relayed, then
     the client or the upstream closing, is a success; a client that leaves before it is
     a 499; an upstream that stops before it is a truncated stream (an error, but not the
-    key's fault). `aclose()` (called by the proxy's ASGI handler after every response)
+    key's fault). `close()` (called by the proxy's ASGI handler after every response)
     ends a relay whose body never started, as when the client left before the first byte.
+    Ending never awaits: it must run to its end even in a task being cancelled.
     """
 
     def __init__(self, attempt: Attempt, upstream: aiohttp.ClientResponse) -> None:
@@ -644,9 +645,9 @@ class Relay:
             ended = "left"
             raise
         finally:
-            await self.finish(ended, error)
+            self.finish(ended, error)
 
-    async def finish(self, ended: str, error: str = "") -> None:
+    def finish(self, ended: str, error: str = "") -> None:
         """`ended`: "done" (the upstream's body ended), "cut" (it broke off) or "left"
         (the client went away)."""
         if self.finished:
@@ -675,8 +676,8 @@ class Relay:
             self.attempt.end(status, error=error or "stream truncated", usage=tap.usage,
                              blameless=True)  # fmt: skip
 
-    async def aclose(self) -> None:
-        await self.finish("left")
+    def close(self) -> None:
+        self.finish("left")
 
 
 def no_key_error(call: Call) -> ProxyError:

@@ -93,13 +93,12 @@ class UsageTap:
             self._keep(plain)
             return chunk
         data = self.pending + plain if self.pending else plain
-        ends = [m.end() for m in EVENT_END.finditer(data)]
-        if not ends:
+        end = last_event_end(data)
+        if end < 0:
             self.pending = data if len(data) <= WHOLE_BODY_LIMIT else b""
             return b"" if self.strip else chunk
-        events, self.pending = data[: ends[-1]], data[ends[-1] :]
-        if b"sage" in events or any(mark in events for mark in TERMINAL_MARKS):
-            events = self._scan(events)
+        events, self.pending = data[:end], data[end:]
+        events = self._scan(events)
         return events if self.strip else chunk
 
     def finish(self) -> bytes:
@@ -107,7 +106,7 @@ class UsageTap:
         if self.sse:
             rest, self.pending = self.pending, b""
             if rest.strip() and self.readable:
-                self._scan(rest)
+                rest = self._scan(rest)
             return rest if self.strip else b""
         if not self.readable:
             return b""
@@ -137,31 +136,35 @@ class UsageTap:
             self.pending = (self.pending + plain)[-TAIL:]
 
     def _scan(self, events: bytes) -> bytes:
-        kept: list[bytes] = []
-        dropped = False
-        for event in EVENT_END.split(events):
-            if not event:
-                continue
-            data = b"".join(
-                line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")
-            )
-            usage = HAS_USAGE.search(data) is not None
-            marked = any(mark in data for mark in TERMINAL_MARKS)
-            payload = None
-            if (usage or marked) and data[:1] in (b"{", b"["):
-                try:
-                    payload = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    payload = None
-            if usage:
-                self._note(payload)
-                if self.strip and _is_usage_chunk(payload):
-                    dropped = True
-                    continue
-            if marked and self.provider.is_terminal(data, payload):
-                self.terminal = True
-            kept.append(event + b"\n\n")
-        return b"".join(kept) if dropped else events
+        """Reads the events that matter in `events` (whole events): those with a usage
+        object, and the provider's last one. The others are never split or parsed."""
+        dropped: list[tuple[int, int]] = []
+        after = 0
+        for match in HAS_USAGE.finditer(events):
+            if match.start() < after:
+                continue  # the event already read
+            start, after = event_bounds(events, match.start())
+            payload = parse_data(events[start:after])
+            self._note(payload)
+            if self.strip and _is_usage_chunk(payload):
+                dropped.append((start, after))
+        if not self.terminal:
+            for mark in TERMINAL_MARKS:
+                at = events.rfind(mark)
+                if at >= 0:
+                    start, end = event_bounds(events, at)
+                    event = events[start:end]
+                    if self.provider.is_terminal(event_data(event), parse_data(event)):
+                        self.terminal = True
+                        break
+        if not dropped:
+            return events
+        kept, position = [], 0
+        for start, end in dropped:
+            kept.append(events[position:start])
+            position = end
+        kept.append(events[position:])
+        return b"".join(kept)
 
     def _note(self, payload: Any) -> None:
         if isinstance(payload, list):  # Gemini's streamed JSON array: usage so far per item
@@ -196,6 +199,40 @@ class UsageTap:
                 continue
             self._note({field.decode().strip('"'): value})
             return
+
+
+def last_event_end(data: bytes) -> int:
+    """Where the last whole event in `data` ends (after its blank line), or -1."""
+    lf = data.rfind(b"\n\n")
+    crlf = data.rfind(b"\n\r\n")
+    return max(lf + 2 if lf >= 0 else -1, crlf + 3 if crlf >= 0 else -1)
+
+
+def event_bounds(events: bytes, at: int) -> tuple[int, int]:
+    """The span of the event around position `at` (its blank line included)."""
+    before = max(events.rfind(b"\n\n", 0, at), events.rfind(b"\n\r\n", 0, at))
+    start = (
+        0
+        if before < 0
+        else (before + 2 if events[before + 1 : before + 2] == b"\n" else before + 3)
+    )
+    end = EVENT_END.search(events, at)
+    return start, end.end() if end else len(events)
+
+
+def event_data(event: bytes) -> bytes:
+    """The `data:` of one SSE event (its lines joined)."""
+    return b"".join(line[5:].strip() for line in event.splitlines() if line.startswith(b"data:"))
+
+
+def parse_data(event: bytes) -> Any:
+    data = event_data(event)
+    if data[:1] not in (b"{", b"["):
+        return None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _is_usage_chunk(payload: Any) -> bool:
