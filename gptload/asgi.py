@@ -24,12 +24,13 @@ from proxy.handler import ProxyHandler  # noqa: E402
 proxy_application = ProxyHandler()
 
 
-async def http(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """`/proxy/…` to the lean handler, everything else to Django with its middleware."""
-    if scope["path"].startswith("/proxy/"):
+router = ProtocolTypeRouter({"http": django_application, "lifespan": lifespan})
+
+
+async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """`/proxy/…` straight to the proxy's lean handler (its cost is the product); every
+    other request, and lifespan events, through channels' router to Django."""
+    if scope["type"] == "http" and scope["path"].startswith("/proxy/"):
         await proxy_application(scope, receive, send)
     else:
-        await django_application(scope, receive, send)
-
-
-application = ProtocolTypeRouter({"http": http, "lifespan": lifespan})
+        await router(scope, receive, send)

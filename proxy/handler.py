@@ -11,7 +11,8 @@ what matters and drops the rest:
   `SERVER_READ_TIMEOUT` (408 when it runs out);
 - the request is a `ProxyRequest`, an `ASGIRequest` whose `META` is built only if
   something asks for it (CORS does, the pipeline does not);
-- the ninja operation is called directly: `/proxy/{group}/{path}` needs no resolver;
+- the ninja operation is called directly: `/proxy/{group}/{path}` needs no resolver
+  (`group` and `path` ride on the request);
 - the one middleware is django-cors-headers' (async-native), when `ENABLE_CORS` is on,
   so that `/proxy/` follows the same CORS configuration as the rest of the site and
   preflights are answered before any proxy key is asked for;
@@ -101,13 +102,7 @@ class ProxyHandler:
     def _build_chain(self) -> View:
         from django.urls import resolve
 
-        view = resolve("/proxy/group/path").func  # the ninja operation's view
-
-        async def operation(request: HttpRequest) -> HttpResponseBase:
-            group, path = request.proxy_route  # type: ignore[attr-defined]
-            response: HttpResponseBase = await view(request, group=group, path=path)
-            return response
-
+        operation: View = resolve("/proxy/").func  # the ninja operation's view
         if not settings.ENABLE_CORS:
             return operation
         from corsheaders.middleware import CorsMiddleware
@@ -120,8 +115,13 @@ class ProxyHandler:
             await send_plain(send, 404, NOT_FOUND_BODY)
             return
         try:
-            async with asyncio.timeout(settings.SERVER_READ_TIMEOUT):
-                body = await read_body(receive)
+            first = await receive()  # a small body is all there at once: no timer needed
+            if first["type"] == "http.disconnect":
+                return
+            body = first.get("body", b"")
+            if first.get("more_body", False):
+                async with asyncio.timeout(settings.SERVER_READ_TIMEOUT):
+                    body += await read_body(receive)
         except Disconnected:
             return
         except TimeoutError:
@@ -156,14 +156,14 @@ class ProxyHandler:
         """The proxy's own answers go out as they are: the upstream's raw headers, the body
         whole or chunk by chunk; anything else (a refusal of ninja's) as Django would."""
         if isinstance(response, ProxyResponse):
-            headers = response.raw_headers
-            body = response.body
+            headers, body = response.raw_headers, response.body
+            if extra := response.extra_headers:  # set by a middleware (CORS)
+                headers = headers + extra
         else:
-            headers, body = [], getattr(response, "content", b"")
+            body = getattr(response, "content", b"")
+            headers = [(k.lower().encode("latin-1"), v.encode("latin-1"))
+                       for k, v in response.headers.items()]  # fmt: skip
             headers.append((b"content-length", str(len(body)).encode()))
-        if response.headers:  # set by a middleware (CORS), or Django's own
-            headers = headers + [(k.lower().encode("latin-1"), v.encode("latin-1"))
-                                 for k, v in response.headers.items()]  # fmt: skip
         self._exchanges.add(exchange)
         try:
             await self._write(send, exchange, {"type": "http.response.start",

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
@@ -20,7 +21,8 @@ import aiohttp
 import orjson
 from django.conf import settings
 from django.http import HttpRequest
-from django.http.response import HttpResponseBase
+from django.http.cookie import SimpleCookie
+from django.http.response import HttpResponseBase, ResponseHeaders
 from multidict import CIMultiDictProxy
 from yarl import URL
 
@@ -47,6 +49,9 @@ UNREACHABLE = (aiohttp.ClientError, TimeoutError, OSError)
 # Never sent on to the client: the connection's own, and what the answering server sets.
 NOT_RELAYED = HOP_BY_HOP | SERVER_OWNED
 NOT_RELAYED_RAW = frozenset(name.encode() for name in NOT_RELAYED)
+# Request headers not forwarded as they are (ASGI servers give names in lower case).
+CLIENT_CREDENTIALS_RAW = frozenset(name.encode() for name in CLIENT_CREDENTIALS)
+SKIPPED_RAW = CLIENT_CREDENTIALS_RAW | frozenset(name.encode() for name in HOP_BY_HOP)
 STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 STREAM_HEADER_NAMES = frozenset(name for name, _ in STREAM_HEADERS)
 PATH_SAFE = "/:@!$&'()*+,;=~"
@@ -71,7 +76,19 @@ class ProxyError(Exception):
 
 class ProxyResponse(HttpResponseBase):
     """An answer that the proxy's ASGI handler sends as it is: raw header pairs (plus any
-    a middleware set), and the body whole (with its length) or as chunks from a `Relay`."""
+    a middleware set in `headers`), and the body whole (with its length) or as chunks
+    from a `Relay`.
+
+    Made without `HttpResponseBase.__init__`, whose header mapping and cookie jar cost
+    more than the rest of a proxied call's own work: both are made only if asked for.
+    """
+
+    streaming = False
+    status_code = 200
+    _reason_phrase = None
+    _charset = None
+    _handler_class = None
+    closed = False
 
     def __init__(
         self,
@@ -80,14 +97,31 @@ class ProxyResponse(HttpResponseBase):
         body: bytes = b"",
         relay: Relay | None = None,
     ) -> None:
-        super().__init__(status=status)
-        del self.headers["Content-Type"]  # the upstream's own, in `raw_headers`
+        self.status_code = status
+        self._resource_closers: list[Any] = []
         if relay is None:
             headers.append((b"content-length", str(len(body)).encode()))
+        else:
+            self.streaming = True
         self.raw_headers = headers
         self.body = body
         self.relay = relay
-        self.streaming = relay is not None
+
+    @cached_property
+    def headers(self) -> ResponseHeaders:  # type: ignore[override]
+        return ResponseHeaders({})
+
+    @cached_property
+    def cookies(self) -> SimpleCookie:  # type: ignore[override]
+        return SimpleCookie()
+
+    @property
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        """What a middleware set, as raw pairs (nothing, unless CORS is on)."""
+        added = self.__dict__.get("headers")
+        if not added:
+            return []
+        return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in added.items()]
 
 
 class Limiter:
@@ -192,18 +226,21 @@ def start_call(request: HttpRequest, path: str, started: float) -> Call:
     bearer = ""
     drop: set[str] = set()
     for raw_name, raw_value in scope["headers"]:
-        name = raw_name.decode("latin-1").lower()
+        raw_name = raw_name.lower()  # ASGI servers send them so; a credential must never slip
+        if raw_name in SKIPPED_RAW:
+            if raw_name == b"authorization":
+                bearer = (
+                    raw_value[7:].strip().decode("latin-1")
+                    if raw_value[:7].lower() == b"bearer "
+                    else ""
+                )
+            elif raw_name in CLIENT_CREDENTIALS_RAW:
+                credential = credential or raw_value.decode("latin-1")
+            elif raw_name == b"connection":
+                drop |= connection_tokens(raw_value.decode("latin-1"))
+            continue
+        name = raw_name.decode("latin-1")
         value = raw_value.decode("latin-1")
-        if name in CLIENT_CREDENTIALS:
-            if name == "authorization":
-                bearer = value[7:].strip() if value[:7].lower() == "bearer " else ""
-            elif not credential:
-                credential = value
-            continue
-        if name in HOP_BY_HOP:
-            if name == "connection":
-                drop |= connection_tokens(value)
-            continue
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
     for name in drop:
         headers.pop(name, None)

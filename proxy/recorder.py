@@ -32,6 +32,7 @@ class Recorder:
         self.written = 0
         self.writing = False
         self.interval = 60.0
+        self._minutes: float = 1.0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._writer: ThreadPoolExecutor | None = None
@@ -52,6 +53,9 @@ class Recorder:
 
     def configure(self, interval_minutes: float) -> None:
         """Follows `request_log_write_interval_minutes`; a shorter interval applies now."""
+        if interval_minutes == self._minutes:
+            return
+        self._minutes = interval_minutes
         interval = max(0.0, float(interval_minutes) * 60)
         if interval < self.interval and self._wake is not None:
             self._wake.set()

@@ -28,8 +28,6 @@ EVENT_END = re.compile(rb"\r?\n\r?\n")
 USAGE_FIELDS = (b'"usageMetadata"', b'"usage"')
 # A usage object, not OpenAI's `"usage":null` that every chunk carries once it is asked for.
 HAS_USAGE = re.compile(rb'"usage(?:Metadata)?"\s*:\s*\{')
-# Bytes that every provider's last event contains (parsed only when one is present).
-TERMINAL_MARKS = (b"[DONE]", b"response.completed", b"message_stop", b"finishReason")
 _decoder = json.JSONDecoder()
 
 
@@ -97,7 +95,10 @@ class UsageTap:
         if end < 0:
             self.pending = data if len(data) <= WHOLE_BODY_LIMIT else b""
             return b"" if self.strip else chunk
-        events, self.pending = data[:end], data[end:]
+        if end == len(data):
+            events, self.pending = data, b""
+        else:
+            events, self.pending = data[:end], data[end:]
         events = self._scan(events)
         return events if self.strip else chunk
 
@@ -149,7 +150,7 @@ class UsageTap:
             if self.strip and _is_usage_chunk(payload):
                 dropped.append((start, after))
         if not self.terminal:
-            for mark in TERMINAL_MARKS:
+            for mark in self.provider.terminal_marks:
                 at = events.rfind(mark)
                 if at >= 0:
                     start, end = event_bounds(events, at)
@@ -203,13 +204,21 @@ class UsageTap:
 
 def last_event_end(data: bytes) -> int:
     """Where the last whole event in `data` ends (after its blank line), or -1."""
+    if data.endswith(b"\n\n"):
+        return len(data)
     lf = data.rfind(b"\n\n")
+    if b"\r" not in data:
+        return lf + 2 if lf >= 0 else -1
     crlf = data.rfind(b"\n\r\n")
     return max(lf + 2 if lf >= 0 else -1, crlf + 3 if crlf >= 0 else -1)
 
 
 def event_bounds(events: bytes, at: int) -> tuple[int, int]:
     """The span of the event around position `at` (its blank line included)."""
+    if b"\r" not in events:  # LF line ends, as every provider sends them
+        before = events.rfind(b"\n\n", 0, at)
+        after = events.find(b"\n\n", at)
+        return before + 2 if before >= 0 else 0, after + 2 if after >= 0 else len(events)
     before = max(events.rfind(b"\n\n", 0, at), events.rfind(b"\n\r\n", 0, at))
     start = (
         0

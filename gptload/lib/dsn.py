@@ -71,7 +71,7 @@ def sqlite_config(path: Path) -> dict[str, Any]:
             # WAL lets readers (admin, API) run beside the log writer; IMMEDIATE takes the
             # write lock at BEGIN so two writers queue on busy_timeout instead of failing
             # with "database is locked" halfway through a transaction.
-            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-8000;",
             "transaction_mode": "IMMEDIATE",
             "timeout": 20,
         },

@@ -44,6 +44,8 @@ class AnthropicProvider(Provider):
             return None
         return Usage(_int(usage.get("input_tokens")), _int(usage.get("output_tokens")))
 
+    terminal_marks = (b"message_stop",)
+
     def is_terminal(self, data: bytes, payload: Any) -> bool:
         return (
             b"message_stop" in data

@@ -102,6 +102,9 @@ class Provider:
     def wants_usage_injection(self, path: str) -> bool:
         return False
 
+    # Bytes that the last event of a complete stream contains (searched before parsing).
+    terminal_marks: tuple[bytes, ...] = (b"[DONE]",)
+
     def is_terminal(self, data: bytes, payload: Any) -> bool:
         """Whether one stream event (its raw `data:` and, when parsed, its JSON) is the
         last one of a complete answer: after it, nothing the client needs is left."""

@@ -69,6 +69,8 @@ class GeminiProvider(Provider):
             completion = (completion or 0) + thoughts
         return Usage(_int(usage.get("promptTokenCount")), completion)
 
+    terminal_marks = (b"finishReason", b"[DONE]")
+
     def is_terminal(self, data: bytes, payload: Any) -> bool:
         """Gemini has no closing event: its last chunk names why the candidate finished.
 

@@ -24,6 +24,8 @@ class OpenAIResponsesProvider(OpenAIProvider):
             data = data["response"]
         return super().usage_of(data)
 
+    terminal_marks = (b"response.completed",)
+
     def is_terminal(self, data: bytes, payload: Any) -> bool:
         return b"response.completed" in data and _type(payload) == "response.completed"
 

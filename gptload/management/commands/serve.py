@@ -87,6 +87,8 @@ class Command(BaseCommand):
             timeout_keep_alive=settings.SERVER_IDLE_TIMEOUT,
             timeout_graceful_shutdown=settings.SERVER_GRACEFUL_SHUTDOWN_TIMEOUT,
             server_header=False,
+            # uvicorn formats every access line before the logger drops it: only at debug.
+            access_log=settings.LOG_LEVEL == "debug",
             proxy_headers=True,
             forwarded_allow_ips="*",
         )
