@@ -46,6 +46,10 @@ NOT_FOUND_BODY = (
     b'{"error":{"message":"Use /proxy/{group}/{the provider\'s own path}.",'
     b'"type":"not_found_error","code":"not_found_error"}}'
 )
+INTERNAL_BODY = (
+    b'{"error":{"message":"gptload failed to handle this request.",'
+    b'"type":"internal_error","code":"internal_error"}}'
+)
 View = Callable[[HttpRequest], Awaitable[HttpResponseBase]]
 
 
@@ -70,7 +74,7 @@ class ProxyRequest(ASGIRequest):
     @cached_property
     def META(self) -> dict[str, Any]:  # type: ignore[override]
         full = ASGIRequest(self.scope, io.BytesIO(self._body))
-        self.encoding, self.content_type = full.encoding, full.content_type
+        self._encoding, self.content_type = full._encoding, full.content_type
         self.content_params = full.content_params
         return full.META
 
@@ -132,7 +136,12 @@ class ProxyHandler:
         watcher = asyncio.create_task(self._watch_disconnect(receive, exchange))
         response: HttpResponseBase | None = None
         try:
-            response = await self.chain(request)
+            try:
+                response = await self.chain(request)
+            except Exception:  # a bug of ours (the pipeline answers its own faults itself)
+                log.exception("proxy request failed before the pipeline")
+                await send_plain(send, 500, INTERNAL_BODY)
+                return
             await self.send_response(response, send, exchange)
         except asyncio.CancelledError:
             if not exchange.gone:
