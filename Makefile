@@ -8,7 +8,7 @@ TEST_REDIS_DSN ?= redis://127.0.0.1:6379/14
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: run test test-sqlite test-mysql lint format lock bench bench-keys migrate clean system-deps
+.PHONY: run test test-sqlite test-mysql lint format lock bench bench-keys bench-levers migrate clean system-deps
 
 run: $(VENV)/.installed
 	$(PY) manage.py serve
@@ -44,6 +44,10 @@ bench: $(VENV)/.installed-dev
 # Import, list and clear 100,000 keys against issue 4's targets (bench/README.md); BENCH_ARGS as above.
 bench-keys: $(VENV)/.installed-dev
 	$(PY) bench/keys.py $(BENCH_ARGS)
+
+# Key picks with many keys cooling, one group's rebuild, full GC with a big snapshot: now vs before.
+bench-levers: $(VENV)/.installed-dev
+	$(PY) bench/levers.py $(BENCH_ARGS)
 
 # Re-pin every dependency (transitive ones too) after editing requirements*.in.
 lock: $(VENV)/.installed-dev

@@ -213,9 +213,11 @@ class KeyPool:
 
     def next_ready_in(self, now: float) -> float | None:
         """Seconds until the first cooling key is usable again, or None if none cools."""
-        for until, _, key in sorted(self.cooling)[:64]:
+        while self.cooling:
+            until, _, key = self.cooling[0]
             if key.status == KeyStatus.COOLING and key.cooling_until == until:
                 return max(0.0, until - now)
+            heapq.heappop(self.cooling)  # an entry its key has moved on from
         return None
 
 

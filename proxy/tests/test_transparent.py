@@ -53,7 +53,9 @@ def last_row() -> RequestLog:
 
 
 @pytest.mark.parametrize("coding", CODINGS)
-def test_a_compressed_answer_reaches_the_client_as_it_was_sent(gateway, provider, make_group, coding):
+def test_a_compressed_answer_reaches_the_client_as_it_was_sent(
+    gateway, provider, make_group, coding
+):
     make_group(keys=("k1",))
     response = raw_post(gateway, "openai", CHAT, **{"Accept-Encoding": coding})
     raw = response.read_raw  # type: ignore[attr-defined]
@@ -93,7 +95,9 @@ def test_a_compressed_error_passes_through_with_matching_bytes(gateway, provider
     assert json.loads(brotli.decompress(raw))["error"]["message"]
 
 
-def test_a_rewritten_model_list_is_sent_plain_whatever_the_upstream_sent(gateway, provider, make_group):
+def test_a_rewritten_model_list_is_sent_plain_whatever_the_upstream_sent(
+    gateway, provider, make_group
+):
     make_group(keys=("k1",), model_redirect_rules={"alias": "gpt-4o-mini"})
     with httpx.Client(headers={**AUTH, "Accept-Encoding": "gzip"}) as client:
         response = client.get(proxy_url(gateway, "openai") + "/v1/models")
