@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 TEST_DATABASE_DSN ?= mysql://root@127.0.0.1:3306/gptload
 TEST_REDIS_DSN ?= redis://127.0.0.1:6379/14
 PYTEST_ARGS ?=
+# The test process's own admin key (the servers it starts get theirs from conftest.py), so
+# that a test run never makes the data/auth_key that `make run` would show at first boot.
+TEST_AUTH_KEY := sk-test-run-0123456789abcdefghij
 BENCH_ARGS ?=
 
 .PHONY: run test test-sqlite test-mysql lint format lock bench bench-keys bench-levers migrate clean system-deps
@@ -17,12 +20,12 @@ test: $(VENV)/.installed-dev lint test-sqlite test-mysql
 
 test-sqlite: $(VENV)/.installed-dev
 	@echo "== tests on SQLite, in-process state =="
-	env -u DATABASE_DSN -u REDIS_DSN $(PY) -m pytest $(PYTEST_ARGS)
+	env -u DATABASE_DSN -u REDIS_DSN AUTH_KEY=$(TEST_AUTH_KEY) $(PY) -m pytest $(PYTEST_ARGS)
 
 test-mysql: $(VENV)/.installed-dev
 	@echo "== tests on MariaDB + Redis =="
 	.ci/services
-	DATABASE_DSN=$(TEST_DATABASE_DSN) REDIS_DSN=$(TEST_REDIS_DSN) $(PY) -m pytest $(PYTEST_ARGS)
+	DATABASE_DSN=$(TEST_DATABASE_DSN) REDIS_DSN=$(TEST_REDIS_DSN) AUTH_KEY=$(TEST_AUTH_KEY) $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format --check .

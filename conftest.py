@@ -17,6 +17,8 @@ import httpx
 import pytest
 from django.conf import settings
 
+from gptload.lib import lifeline
+
 ROOT = Path(__file__).resolve().parent
 ON_MYSQL = settings.DATABASES["default"]["ENGINE"].endswith("mysql")
 ON_REDIS = bool(settings.REDIS_DSN)
@@ -51,6 +53,9 @@ GPTLOAD_VARS = frozenset(
         "DATABASE_DSN",
         "REDIS_DSN",
         "MAX_CONCURRENT_REQUESTS",
+        "PUBLIC_URL",
+        "DJANGO_DEBUG",
+        "GPTLOAD_PARENT_PID",
         "STATS_RETENTION_DAYS",
         "ENABLE_CORS",
         "ALLOWED_ORIGINS",
@@ -120,9 +125,10 @@ class Server:
     def __init__(self, command: list[str], env: dict[str, str], port: int) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self.process = subprocess.Popen(
-            command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
+        self.process = subprocess.Popen(  # dies with this test process, even if killed
+            command, env=lifeline.child_env(env), cwd=ROOT, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

@@ -77,12 +77,13 @@ def picks(snapshot: Any, big: int) -> dict[str, float]:
     ring = timed(lambda: [pool.pick(now) for _ in range(calls)], 3) / calls * 1e6
     turn = iter(range(1 << 62))
 
-    def scan() -> None:  # the old KeyRing.pick: walk the list until a usable key
+    def scan() -> Any:  # the old KeyRing.pick: walk the list until a usable key
         count = len(keys)
         for _ in range(count):
             key = keys[next(turn) % count]
             if key.usable(now):
-                return
+                return key
+        return None
 
     scans = 200
     old = timed(lambda: [scan() for _ in range(scans)], 3) / scans * 1e6
@@ -97,7 +98,7 @@ def rebuilds(snapshot: Any, small: int) -> tuple[Any, dict[str, float]]:
     from proxy import snapshot as snapshots
     from settings_app.models import ChangeScope
 
-    change = {(ChangeScope.GROUP.value, small)}
+    change: set[tuple[str, int | None]] = {(ChangeScope.GROUP.value, small)}
     one = timed(lambda: snapshots.apply(snapshot, snapshot.version + 1, change), 5)
     whole = timed(lambda: snapshots.build(snapshot.version + 1, snapshot), 2)
     return snapshot, {"rebuild_ms_one_group": one * 1000, "rebuild_ms_everything": whole * 1000}

@@ -8,7 +8,10 @@ class GptloadConfig(AppConfig):
     verbose_name = "gptload"
 
     def ready(self) -> None:
-        from gptload import checks  # noqa: F401 - registers the system checks
+        from gptload import (
+            checks,  # noqa: F401 - registers the system checks
+            health,  # noqa: F401 - its uptime counts from process start
+        )
 
         # Celery's current app must be ours in every process (web, commands), or
         # `task.delay()` would publish through Celery's default app to amqp://localhost.

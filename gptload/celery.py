@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 from celery import Celery
 
@@ -25,4 +26,16 @@ def _make_queue_folders() -> None:
             (settings.CELERY_DATA_DIR / folder).mkdir(parents=True, exist_ok=True)
 
 
+def _quiet_root_warning() -> None:
+    """Celery warns when its worker runs as root. The embedded worker runs as the user who
+    started `serve`, with no more rights than the web server beside it: the warning
+    repeats at every start and tells the operator nothing new (kept at LOG_LEVEL=debug)."""
+    from celery.platforms import SecurityWarning
+    from django.conf import settings
+
+    if settings.LOG_LEVEL != "debug":
+        warnings.filterwarnings("ignore", category=SecurityWarning)
+
+
 _make_queue_folders()
+_quiet_root_warning()

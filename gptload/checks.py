@@ -1,4 +1,8 @@
-"""System checks on the operator's secrets: `manage.py check` and `serve` report them."""
+"""System checks on the operator's secrets, for `manage.py check --deploy`.
+
+Not run by every command: `serve` prints its own banner about a weak AUTH_KEY, and
+the other commands are no place to repeat it.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from django.core.checks import Tags, Warning, register
 from gptload.lib.secrets import weakness
 
 
-@register(Tags.security, deploy=False)
+@register(Tags.security, deploy=True)
 def check_secrets(app_configs: Any = None, **kwargs: Any) -> list[Warning]:
     warnings = []
     auth_problem = weakness(settings.AUTH_KEY)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from dotenv import load_dotenv
 
-from gptload.lib import dsn
+from gptload.lib import dsn, lifeline
 from gptload.lib.env import ConfigError, Env
 from gptload.lib.logconfig import LEVELS, build_logging
-from gptload.lib.secrets import DEFAULT_AUTH_KEY
+from gptload.lib.secrets import stored_secret
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 load_dotenv(Path.cwd() / ".env", override=False)
@@ -35,23 +35,41 @@ SERVER_GRACEFUL_SHUTDOWN_TIMEOUT = env.integer("SERVER_GRACEFUL_SHUTDOWN_TIMEOUT
 WEB_CONCURRENCY = env.integer("WEB_CONCURRENCY", 1, minimum=1, maximum=64)
 IS_SLAVE = env.boolean("IS_SLAVE", False)
 MAX_CONCURRENT_REQUESTS = env.integer("MAX_CONCURRENT_REQUESTS", 100, minimum=1)
+# The address clients reach gptload at (behind a reverse proxy, say), for the endpoints
+# that commands and the admin print; else http://HOST:PORT.
+PUBLIC_URL = env.string("PUBLIC_URL", "").rstrip("/")
+if PUBLIC_URL and not PUBLIC_URL.startswith(("http://", "https://")):
+    raise ConfigError("PUBLIC_URL", f"expected an http:// or https:// URL, got {PUBLIC_URL!r}")
 
-# --- secrets ---
-# Empty counts as unset: the published default, with a loud warning at startup.
-AUTH_KEY = env.string("AUTH_KEY") or DEFAULT_AUTH_KEY
-ENCRYPTION_KEY = env.string("ENCRYPTION_KEY", "")
-# Django's own signing key (sessions, CSRF) is derived from the operator's secrets so that
-# every node of a cluster agrees on it without one more variable to set.
-SECRET_KEY = hashlib.sha256(f"gptload:{AUTH_KEY}:{ENCRYPTION_KEY}".encode()).hexdigest()
+# A child of another gptload process (a uvicorn worker, the embedded Celery worker, a
+# test's server) dies with it: see gptload.lib.lifeline.
+lifeline.hold(env.integer("GPTLOAD_PARENT_PID", 0, minimum=0))
 
 # --- stores ---
 DATABASE_DSN = env.string("DATABASE_DSN", "")
 DATABASES = {"default": dsn.parse_database(DATABASE_DSN, BASE_DIR)}
-if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+_SQLITE = DATABASES["default"]["ENGINE"].endswith("sqlite3")
+if _SQLITE:
     dsn.ensure_sqlite_directory(DATABASES["default"]["NAME"])
 REDIS_DSN = dsn.parse_redis(env.string("REDIS_DSN", ""))
 DATA_DIR = BASE_DIR / "data"
+# What this installation keeps on disk besides the database (the generated AUTH_KEY, the
+# embedded broker's queue): beside the SQLite file, else in data/.
+STATE_DIR = Path(DATABASES["default"]["NAME"]).parent if _SQLITE else DATA_DIR
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- secrets ---
+# Unset (or empty): a strong key made at first boot and kept in STATE_DIR/auth_key
+# (0600), never a published default. `serve` prints it when it was just made, and
+# `manage.py auth_key` prints it on demand.
+AUTH_KEY = env.string("AUTH_KEY")
+AUTH_KEY_GENERATED = False
+if not AUTH_KEY:
+    AUTH_KEY, AUTH_KEY_GENERATED = stored_secret(STATE_DIR / "auth_key", "sk-")
+ENCRYPTION_KEY = env.string("ENCRYPTION_KEY", "")
+# Django's own signing key (sessions, CSRF) is derived from the operator's secrets so that
+# every node of a cluster agrees on it without one more variable to set.
+SECRET_KEY = hashlib.sha256(f"gptload:{AUTH_KEY}:{ENCRYPTION_KEY}".encode()).hexdigest()
 
 if REDIS_DSN:
     CACHES = {
@@ -184,10 +202,7 @@ CHANNEL_LAYERS = {
 # --- Celery (gptload/celery.py reads the CELERY_ names) ---
 # Embedded mode: kombu's filesystem transport, beside the SQLite file it serves (two
 # installations, or a test server, never share a queue).
-_DB = DATABASES["default"]
-CELERY_DATA_DIR = (
-    Path(_DB["NAME"]).parent if _DB["ENGINE"].endswith("sqlite3") else DATA_DIR
-) / "celery"
+CELERY_DATA_DIR = STATE_DIR / "celery"
 CELERY_BROKER_URL = REDIS_DSN or "filesystem://"
 CELERY_BROKER_TRANSPORT_OPTIONS = (
     {}

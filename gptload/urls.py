@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from django.contrib import admin
+from django.templatetags.static import static
 from django.urls import path, re_path
 from django.views.generic import RedirectView
 
@@ -29,5 +30,7 @@ urlpatterns = [
     path("proxy/", proxy_api.urls),
     path("api/", api.urls),
     re_path(r"^api/", unknown_path),  # any rest, newlines included (`.` stops at one)
+    # Browsers ask every page's host for it; answered here, not logged as a 404.
+    path("favicon.ico", RedirectView.as_view(url=static("gptload/favicon.ico"), permanent=True)),
     path("", RedirectView.as_view(url="/admin/", permanent=False)),
 ]

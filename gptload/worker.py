@@ -19,14 +19,19 @@ import time
 
 from django.conf import settings
 
+from gptload.lib import lifeline
+
 log = logging.getLogger("gptload")
 STEADY_SECONDS = 30.0  # a worker that ran this long and died is restarted at once
 MAX_BACKOFF = 30.0
 
 
 def worker_command() -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "gptload", "worker", "--beat",
-            "--pool=solo", "--concurrency=1", "--loglevel=warning",
+    """The embedded worker: quiet (no banner, warnings only) unless LOG_LEVEL=debug."""
+    debug = settings.LOG_LEVEL == "debug"
+    return [sys.executable, "-m", "celery", "-A", "gptload", *([] if debug else ["--quiet"]),
+            "worker", "--beat", "--pool=solo", "--concurrency=1",
+            f"--loglevel={'info' if debug else 'warning'}",
             "--hostname=embedded@%h", "--without-gossip", "--without-mingle"]  # fmt: skip
 
 
@@ -49,7 +54,9 @@ class WorkerSupervisor:
         while not self._stopping.is_set():
             began = time.monotonic()
             # Its own process group: a Ctrl-C on the terminal reaches it through us, once.
-            self.process = subprocess.Popen(self.command, start_new_session=True)  # noqa: S603 - our own argv
+            self.process = subprocess.Popen(  # noqa: S603 - our own argv
+                self.command, start_new_session=True, env=lifeline.child_env()
+            )
             code = self.process.wait()
             if self._stopping.is_set():
                 return

@@ -83,7 +83,7 @@ class LogOut(Schema):
     group_name: str
     parent_group_id: int | None
     parent_group_name: str
-    key_value: str = Field(description=f"The upstream key in plaintext, or {UNDECRYPTABLE!r}.")
+    key_value: str = Field(description=f"The upstream key, masked, or {UNDECRYPTABLE!r}.")
     masked_key: str
     key_hash: str
     model: str
@@ -170,11 +170,13 @@ def log_rows(rows: Iterable[RequestLog]) -> list[dict[str, Any]]:
     items = []
     for row in rows:
         plain = reveal(row.key_value)
+        shown = plain if plain == UNDECRYPTABLE else mask(plain)
         items.append({
             **{f.attname: getattr(row, f.attname) for f in RequestLog._meta.concrete_fields},
             "id": str(row.id),
-            "key_value": plain,
-            "masked_key": plain if plain == UNDECRYPTABLE else mask(plain),
+            # Shown masked: a key in plaintext belongs to the key list and the exports.
+            "key_value": shown,
+            "masked_key": shown,
         })  # fmt: skip
     return items
 
@@ -183,8 +185,8 @@ def log_rows(rows: Iterable[RequestLog]) -> list[dict[str, Any]]:
 def list_logs(
     request: HttpRequest, filters: Query[LogFilters], pages: Query[PageQuery]
 ) -> dict[str, Any]:
-    """Request logs, newest first, one row per upstream attempt, with the key in plaintext
-    (and `masked_key` for display). `page_size` is at most 1000."""
+    """Request logs, newest first, one row per upstream attempt, with the key masked
+    (`sk-a…wxyz`; filter by the whole key with `key_value`). `page_size` is at most 1000."""
     rows = filtered_logs(filters).order_by("-timestamp")
     return ok(paginate(rows, pages.page, pages.page_size, log_rows))
 

@@ -74,7 +74,7 @@ class ProxyRequest(ASGIRequest):
     @cached_property
     def META(self) -> dict[str, Any]:  # type: ignore[override]
         full = ASGIRequest(self.scope, io.BytesIO(self._body))
-        self._encoding, self.content_type = full._encoding, full.content_type
+        self._encoding, self.content_type = full.encoding, full.content_type
         self.content_params = full.content_params
         return full.META
 

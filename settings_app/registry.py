@@ -73,6 +73,8 @@ def _proxy_url(value: str) -> str:
 
 
 def _app_url_default() -> str:
+    if django_settings.PUBLIC_URL:
+        return str(django_settings.PUBLIC_URL)
     host = (
         django_settings.HOST if django_settings.HOST not in ("", "0.0.0.0", "::") else "localhost"
     )

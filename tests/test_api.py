@@ -43,6 +43,26 @@ def test_missing_wrong_or_query_keys_are_refused(admin_api, client, path, header
     admin_api.refused(client.get(path, headers=headers), 401, "UNAUTHORIZED")
 
 
+@pytest.mark.parametrize("method", ["get", "post", "put", "delete"])
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer sk-wrong"}, {"X-Api-Key": "x"}])
+def test_a_wrong_or_missing_key_is_401_on_every_method_not_a_csrf_refusal(
+    admin_api, method, headers
+):
+    client = Client(enforce_csrf_checks=True)
+    response = getattr(client, method)("/api/groups/1", headers=headers,
+                                       content_type="application/json", data="{}")  # fmt: skip
+    admin_api.refused(response, 401, "UNAUTHORIZED")
+
+
+def test_a_staff_session_without_its_csrf_token_is_told_what_to_send(admin_api):
+    staff = User.objects.create_user("ops", password="pw-0123456789", is_staff=True)
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(staff)
+    response = client.put("/api/settings", {"max_retries": 2}, content_type="application/json")
+    assert response.status_code == 403
+    assert "X-CSRFToken" in response.json()["message"]
+
+
 def test_a_staff_session_works_and_needs_csrf_for_changes(admin_api, client):
     staff = User.objects.create_user("ops", password="pw-0123456789", is_staff=True)
     client.force_login(staff)

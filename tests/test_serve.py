@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from conftest import ADMIN_KEY, ON_MYSQL, free_port, manage
+from gptload.lib.secrets import weakness
 from tests.fakeprovider import Behaviour, FakeProvider
 
 
@@ -44,12 +45,35 @@ def test_serve_stops_on_ctrl_c(serve):
     assert server.process.wait(15) == 0
 
 
-def test_serve_warns_loudly_about_the_default_auth_key(serve):
-    server = serve(env={"AUTH_KEY": ""})
+def test_serve_warns_loudly_about_a_weak_auth_key(serve):
+    server = serve(env={"AUTH_KEY": "sk-123456"})
     server.wait_ready()
     server.stop()
     output = server.output()
     assert "WARNING: AUTH_KEY is weak: it is the published default sk-123456" in output
+
+
+def test_without_auth_key_a_strong_one_is_made_kept_and_shown_once(serve, tmp_path, store_env):
+    db = tmp_path / "fresh" / "gptload.db"
+    env = {"AUTH_KEY": "", "DATABASE_DSN": str(db)}
+    first = serve(env=env)
+    first.wait_ready()
+    kept = db.parent / "auth_key"
+    key = kept.read_text().strip()
+    assert key.startswith("sk-")
+    assert weakness(key) is None
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert httpx.get(first.url + "/api/channel-types",
+                     headers={"Authorization": f"Bearer {key}"}).status_code == 200  # fmt: skip
+    assert httpx.get(first.url + "/api/channel-types",
+                     headers={"Authorization": "Bearer sk-123456"}).status_code == 401  # fmt: skip
+    first.stop()
+    assert key in first.output()
+    second = serve(env=env)
+    second.wait_ready()
+    second.stop()
+    assert key not in second.output()  # shown once; the command shows it again
+    assert manage("auth_key", env={**store_env, **env}).stdout.strip() == key
 
 
 def test_daphne_serves_the_same_application(serve):
@@ -254,3 +278,34 @@ def test_daphne_writes_buffered_log_rows_at_exit(serve, store_env):
         server.process.send_signal(signal.SIGTERM)  # daphne has no lifespan to flush in
         server.process.wait(30)
     assert logged_rows(store_env, name) == "1"
+
+
+def test_no_child_outlives_a_killed_serve(serve):
+    """SIGKILL (or the OOM killer) gives serve no chance to stop its children: they go
+    by themselves, the embedded worker and the uvicorn workers alike."""
+    port = free_port()
+    server = serve(sys.executable, "manage.py", "serve", "--host", "127.0.0.1", "--port",
+                   str(port), "--worker", "--workers", "2", env={"AUTH_KEY": ADMIN_KEY},
+                   port=port)  # fmt: skip
+    server.wait_ready()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(children(server.process.pid)) < 3:
+        time.sleep(0.2)
+    kids = children(server.process.pid)
+    assert any("celery" in cmd for cmd in kids.values()), kids
+    assert len(kids) >= 3, kids  # the worker and two uvicorn workers
+    server.process.kill()
+    server.process.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(map(running, kids)):
+        time.sleep(0.2)
+    alive = [pid for pid in kids if running(pid)]
+    assert not alive, {pid: kids[pid] for pid in alive}
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie waiting for its parent is not)."""
+    try:
+        return (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -32,6 +32,7 @@ from ninja import Field, NinjaAPI, Schema
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.parser import Parser
 from ninja.security import APIKeyHeader, HttpBearer, SessionAuth
+from ninja.utils import check_csrf
 from pydantic_core import from_json
 
 from gptload.lib.secrets import constant_time_in
@@ -151,11 +152,23 @@ class HeaderKey(APIKeyHeader):
 
 
 class StaffSession(SessionAuth):
-    """A staff user logged in to the admin; unsafe methods need the CSRF token."""
+    """A staff user logged in to the admin; unsafe methods need the CSRF token.
+
+    CSRF guards a session, so it is checked only for a request that has one: a script
+    with a wrong or missing AUTH_KEY gets 401, not a CSRF refusal it cannot act on.
+    """
+
+    def __call__(self, request: HttpRequest) -> Any:
+        user = getattr(request, "user", None)
+        if user is None or not (user.is_active and user.is_staff):
+            return None
+        if self.csrf and not getattr(request, "_ninja_csrf_exempt", False) and check_csrf(request):
+            raise HttpError(403, "CSRF check failed: send the csrftoken cookie's value as "
+                            "X-CSRFToken, or authenticate with AUTH_KEY instead of the session.")  # fmt: skip
+        return user
 
     def authenticate(self, request: HttpRequest, key: str | None) -> Any:
-        user = getattr(request, "user", None)
-        return user if user is not None and user.is_active and user.is_staff else None
+        return self(request)
 
 
 class StrictParser(Parser):

@@ -38,6 +38,9 @@ def build_logging(level: str, fmt: str, file_path: Path | None) -> dict[str, Any
             "uvicorn.access": {"level": "WARNING" if level != "debug" else "INFO"},
             # One line per upstream call would cost the hot path and flood the log.
             "httpx": {"level": "WARNING" if level != "debug" else "INFO"},
+            # The embedded broker's URL (filesystem://) has no host, as it should: kombu
+            # warns about that on every job queued.
+            "kombu.connection": {"level": "ERROR" if level != "debug" else "INFO"},
         },
     }
     if file_path is not None:

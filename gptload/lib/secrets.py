@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hmac
+import os
+import secrets
+import time
+from pathlib import Path
 from typing import AnyStr
 
 DEFAULT_AUTH_KEY = "sk-123456"
@@ -50,3 +54,22 @@ def mask_in(text: AnyStr, secret: str) -> AnyStr:
         raw = secret.encode()
         return text.replace(raw, mask(secret).encode()) if raw in text else text
     return text.replace(secret, mask(secret)) if secret in text else text
+
+
+def stored_secret(path: Path, prefix: str = "") -> tuple[str, bool]:
+    """The secret kept in `path`, made (strong, random) and stored with mode 0600 the
+    first time; returns it and whether it was made now. Two processes starting at once
+    agree: the file is created exclusively, and the other one reads what was written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(100):  # the maker may be between creating the file and writing it
+            if text := path.read_text().strip():
+                return text, False
+            time.sleep(0.02)
+        raise RuntimeError(f"{path} is empty: delete it to have a new secret made") from None
+    made = prefix + secrets.token_urlsafe(36)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(made + "\n")
+    return made, True

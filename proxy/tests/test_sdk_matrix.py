@@ -30,7 +30,7 @@ async def call(channel: str, base: str, mode: str, stream: bool) -> str:
     """The answer text, as the SDK for `channel` assembles it."""
     asynchronous = mode == "async"
     if channel in ("openai", "openai-response"):
-        kind = openai.AsyncOpenAI if asynchronous else openai.OpenAI
+        kind: Any = openai.AsyncOpenAI if asynchronous else openai.OpenAI
         client: Any = kind(base_url=base + "/v1", api_key=PROXY_KEY, max_retries=0)
         if channel == "openai":
             return await openai_chat(client, asynchronous, stream)

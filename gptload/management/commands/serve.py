@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from typing import Any
@@ -13,6 +14,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connection
 
+from gptload.lib import lifeline
 from gptload.lib.dsn import describe_database, mask_url
 from gptload.lib.secrets import weakness
 from gptload.worker import WorkerSupervisor
@@ -59,6 +61,11 @@ class Command(BaseCommand):
         )
         self.stdout.flush()
         connection.close()  # the server's workers open their own
+        # uvicorn's worker processes inherit the environment: they die with this process,
+        # and know the address they serve (for the endpoints they print).
+        os.environ.update(lifeline.child_env({}), PORT=str(options["port"]),
+                          HOST=options["host"])  # fmt: skip
+        settings.PORT, settings.HOST = options["port"], options["host"]
         embedded = options["worker"]
         if embedded is None:
             embedded = not settings.REDIS_DSN and not settings.IS_SLAVE
@@ -118,12 +125,22 @@ BANNER = "!" * 78
 
 
 def warn_about_secrets(write: Any) -> None:
+    if settings.AUTH_KEY_GENERATED:
+        write(
+            f"{BANNER}\n!! No AUTH_KEY was set, so gptload made one and keeps it in data/auth_key\n"
+            f"!! (mode 0600). It opens the management API (/api) and, until you change the\n"
+            f"!! proxy_keys setting, every proxy group:\n!!\n!!     {settings.AUTH_KEY}\n!!\n"
+            "!! It is shown this once; `manage.py auth_key` prints it again.\n"
+            f"{BANNER}"
+        )
+        return
     problem = weakness(settings.AUTH_KEY)
     if problem:
         write(
             f"{BANNER}\n!! WARNING: AUTH_KEY is weak: {problem}.\n"
-            "!! It opens the admin and, until you change the proxy_keys setting, every\n"
-            "!! proxy group. Set AUTH_KEY to a long random value before exposing this port.\n"
+            "!! It opens the management API (/api) and, until you change the proxy_keys\n"
+            "!! setting, every proxy group. Set AUTH_KEY to a long random value before\n"
+            "!! exposing this port.\n"
             f"{BANNER}"
         )
         sys.stderr.flush()
