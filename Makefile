@@ -9,6 +9,9 @@ PYTEST_ARGS ?=
 # The test process's own admin key (the servers it starts get theirs from conftest.py), so
 # that a test run never makes the data/auth_key that `make run` would show at first boot.
 TEST_AUTH_KEY := sk-test-run-0123456789abcdefghij
+# pytest-xdist processes for the SQLite pass (a test database each); the MariaDB pass runs
+# in one, as its tests share Redis.
+SQLITE_WORKERS ?= 2
 BENCH_ARGS ?=
 
 .PHONY: run test test-sqlite test-mysql lint format lock bench bench-keys bench-levers migrate clean system-deps
@@ -16,11 +19,15 @@ BENCH_ARGS ?=
 run: $(VENV)/.installed
 	$(PY) manage.py serve
 
-test: $(VENV)/.installed-dev lint test-sqlite test-mysql
+# Lint and both stores at once (about 4 minutes on 2 cores instead of 8 one after the
+# other); each target's output is printed whole when it ends (-O).
+test: $(VENV)/.installed-dev
+	.ci/services
+	$(MAKE) --no-print-directory -j3 -O lint test-sqlite test-mysql
 
 test-sqlite: $(VENV)/.installed-dev
 	@echo "== tests on SQLite, in-process state =="
-	env -u DATABASE_DSN -u REDIS_DSN AUTH_KEY=$(TEST_AUTH_KEY) $(PY) -m pytest $(PYTEST_ARGS)
+	env -u DATABASE_DSN -u REDIS_DSN AUTH_KEY=$(TEST_AUTH_KEY) $(PY) -m pytest -n $(SQLITE_WORKERS) $(PYTEST_ARGS)
 
 test-mysql: $(VENV)/.installed-dev
 	@echo "== tests on MariaDB + Redis =="
@@ -30,7 +37,7 @@ test-mysql: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy .
+	AUTH_KEY=$(TEST_AUTH_KEY) $(VENV)/bin/mypy .
 	$(VENV)/bin/lint-imports --no-cache
 
 format: $(VENV)/.installed-dev

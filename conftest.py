@@ -96,13 +96,16 @@ def store_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
         import MySQLdb
 
         db = settings.DATABASES["default"]
-        name = f"test_gptload_srv_{uuid.uuid4().hex[:8]}"
+        # Named with their birth time, so that the ones a killed run left behind are
+        # found and dropped by the next run (and a run in progress is left alone).
+        name = f"test_gptload_srv_{int(time.time())}_{uuid.uuid4().hex[:8]}"
         admin = MySQLdb.connect(
             host=db["HOST"] or "127.0.0.1",
             port=int(db["PORT"] or 3306),
             user=db["USER"],
             passwd=db["PASSWORD"],
         )
+        drop_abandoned_databases(admin.cursor())
         admin.cursor().execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
         user = f"{db['USER']}:{db['PASSWORD']}" if db["PASSWORD"] else db["USER"]
         dsn = f"mysql://{user}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 3306}/{name}"
@@ -117,6 +120,18 @@ def store_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     if ON_MYSQL:
         admin.cursor().execute(f"DROP DATABASE `{name}`")
         admin.close()
+
+
+ABANDONED_AFTER = 2 * 3600  # seconds; no test run lasts that long
+
+
+def drop_abandoned_databases(cursor: Any) -> None:
+    """Drops the server databases of test runs that were killed before their teardown."""
+    cursor.execute("SHOW DATABASES LIKE 'test\\_gptload\\_srv\\_%'")
+    for (name,) in cursor.fetchall():
+        born = name.split("_")[3]  # not a number: named before birth times were
+        if not born.isdigit() or time.time() - int(born) > ABANDONED_AFTER:
+            cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
 
 
 class Server:

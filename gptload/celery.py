@@ -30,7 +30,7 @@ def _quiet_root_warning() -> None:
     """Celery warns when its worker runs as root. The embedded worker runs as the user who
     started `serve`, with no more rights than the web server beside it: the warning
     repeats at every start and tells the operator nothing new (kept at LOG_LEVEL=debug)."""
-    from celery.platforms import SecurityWarning
+    from celery.exceptions import SecurityWarning
     from django.conf import settings
 
     if settings.LOG_LEVEL != "debug":

@@ -60,12 +60,13 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- secrets ---
 # Unset (or empty): a strong key made at first boot and kept in STATE_DIR/auth_key
-# (0600), never a published default. `serve` prints it when it was just made, and
-# `manage.py auth_key` prints it on demand.
+# (0600), never a published default. `serve` prints it at the first start after it was
+# made, and `manage.py auth_key` prints it on demand.
 AUTH_KEY = env.string("AUTH_KEY")
-AUTH_KEY_GENERATED = False
+AUTH_KEY_FILE: Path | None = None
 if not AUTH_KEY:
-    AUTH_KEY, AUTH_KEY_GENERATED = stored_secret(STATE_DIR / "auth_key", "sk-")
+    AUTH_KEY_FILE = STATE_DIR / "auth_key"
+    AUTH_KEY, _ = stored_secret(AUTH_KEY_FILE, "sk-")
 ENCRYPTION_KEY = env.string("ENCRYPTION_KEY", "")
 # Django's own signing key (sessions, CSRF) is derived from the operator's secrets so that
 # every node of a cluster agrees on it without one more variable to set.

@@ -345,6 +345,13 @@ class KeyStates:
         self.pending, self.errors = {}, {}
         return batch, errors
 
+    def give_back(self, batch: list[KeyEntry], errors: dict[int, str]) -> None:
+        """A batch that could not be written waits again (newer changes kept first)."""
+        for key in batch:
+            self.pending.setdefault(key.id, key)
+        for key_id, error in errors.items():
+            self.errors.setdefault(key_id, error)
+
     def write_now(self) -> None:
         """Writes what waits, in this thread (at exit, where no event loop runs any more)."""
         if self.pending:

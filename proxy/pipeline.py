@@ -343,6 +343,8 @@ async def authorize(call: Call, snapshot: Snapshot, name: str) -> GroupView:
         snapshot = await runtime.refresh()
         group = snapshot.groups.get(name)
     if group is None:
+        if secret not in snapshot.global_keys:  # whether a group exists is no stranger's business
+            raise ProxyError(401, "Invalid proxy key.", "authentication_error")
         raise ProxyError(404, f"No group named {name!r}.", "not_found_error")
     if not (secret in group.proxy_keys or secret in snapshot.global_keys):
         raise ProxyError(401, "Invalid proxy key.", "authentication_error")
@@ -737,7 +739,7 @@ def no_key_error(call: Call) -> ProxyError:
             503,
             "No usable upstream key in this group right now.",
             "no_keys_available",
-            min(waits) if waits else DEFAULT_COOLDOWN,
+            min(waits) if waits else None,  # none cooling: nothing comes back by itself
         )
     target = call.unprepared(entry) if entry.is_aggregate else call.target(entry)
     Attempt(call, target, None, "").end(error.status, error=error.message)

@@ -180,17 +180,30 @@ class Runtime:
             self._tasks.append(loop.create_task(self._listen(key_states.redis)))
 
     async def _watch(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(POLL_SECONDS)
             try:
                 await self.flush_keys()
                 await self._refresh()
-            except Exception:  # a process edge: log and keep serving the last snapshot
-                log.exception("proxy snapshot refresh failed")
+            except Exception as exc:  # a process edge: keep serving the last snapshot
+                if not failing:  # once per outage, not every second
+                    log.warning("configuration check failed (%s); serving the last snapshot "
+                                "and retrying every second", exc, exc_info=True)  # fmt: skip
+                failing = True
+            else:
+                if failing:
+                    log.warning("configuration check works again")
+                failing = False
 
     async def flush_keys(self) -> None:
         if key_states.pending:
-            await sync_to_async(write_states, thread_sensitive=False)(*key_states.take())
+            batch, errors = key_states.take()
+            try:
+                await sync_to_async(write_states, thread_sensitive=False)(batch, errors)
+            except Exception:
+                key_states.give_back(batch, errors)  # written with the next batch
+                raise
 
     async def _listen(self, redis: Any) -> None:
         """Follows configuration and key-state messages for ever, reconnecting after an

@@ -223,8 +223,10 @@ def _view(group: Group, system: dict[str, Any], pool: KeyPool, old: GroupView | 
         failover_codes=registry.parse_status_codes(settings["failover_status_codes"]),
         attempts=int(settings["max_retries"]) + 1, threshold=int(settings["blacklist_threshold"]),
         log_bodies=bool(settings["enable_request_body_logging"]),
-        timeout=aiohttp.ClientTimeout(connect=connect, sock_connect=connect,
-                                      sock_read=float(settings["request_timeout"])),
+        # A plain answer has request_timeout in all; a stream, response_header_timeout
+        # for its headers and between its chunks, and no end it must reach in time.
+        timeout=aiohttp.ClientTimeout(total=float(settings["request_timeout"]), connect=connect,
+                                      sock_connect=connect),
         stream_timeout=aiohttp.ClientTimeout(connect=connect, sock_connect=connect,
                                              sock_read=float(settings["response_header_timeout"])),
         client=ClientSettings(str(settings["proxy_url"]), int(settings["max_idle_conns"]),

@@ -50,7 +50,7 @@ def test_serve_warns_loudly_about_a_weak_auth_key(serve):
     server.wait_ready()
     server.stop()
     output = server.output()
-    assert "WARNING: AUTH_KEY is weak: it is the published default sk-123456" in output
+    assert "WARNING: AUTH_KEY is weak: it is GPT-Load's published default sk-123456" in output
 
 
 def test_without_auth_key_a_strong_one_is_made_kept_and_shown_once(serve, tmp_path, store_env):

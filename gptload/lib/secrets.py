@@ -25,7 +25,7 @@ def weakness(secret: str) -> str | None:
     if not secret:
         return "it is empty"
     if secret == DEFAULT_AUTH_KEY:
-        return "it is the published default sk-123456"
+        return "it is GPT-Load's published default sk-123456"
     lowered = secret.lower()
     for word in WEAK_WORDS:
         if word in lowered:

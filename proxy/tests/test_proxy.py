@@ -14,6 +14,7 @@ from google.genai import types
 
 from keys.models import APIKey, KeyStatus
 from proxy.tests.conftest import PROXY_KEY, proxy_url, wait_until
+from settings_app.models import SystemSetting
 from tests.fakeprovider import PROMPT_TOKENS, Behaviour, full_text
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -115,15 +116,23 @@ def test_client_mistakes_pass_through_without_retry(gateway, provider, make_grou
     assert len(provider.requests) == 1
 
 
+GLOBAL_KEY = "sk-global-proxy-key-0123456789"
+
+
 @pytest.mark.parametrize(
     ("group", "key", "status", "error"),
     [
-        ("nope", PROXY_KEY, 404, openai.NotFoundError),
+        ("nope", GLOBAL_KEY, 404, openai.NotFoundError),
+        # Without a global key, whether a group exists is nobody's business.
+        ("nope", PROXY_KEY, 401, openai.AuthenticationError),
+        ("nope", "sk-wrong", 401, openai.AuthenticationError),
         ("openai", "sk-wrong", 401, openai.AuthenticationError),
     ],
 )
 def test_gptloads_own_refusals_are_openai_shaped(gateway, make_group, group, key, status, error):
     make_group()
+    SystemSetting.objects.update_or_create(setting_key="proxy_keys",
+                                           defaults={"setting_value": GLOBAL_KEY})  # fmt: skip
     with pytest.raises(error) as caught:
         ask(openai_client(gateway, group, key))
     assert caught.value.status_code == status

@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -125,14 +126,17 @@ BANNER = "!" * 78
 
 
 def warn_about_secrets(write: Any) -> None:
-    if settings.AUTH_KEY_GENERATED:
+    kept: Path | None = settings.AUTH_KEY_FILE
+    shown = kept.with_name(kept.name + ".shown") if kept else None
+    if kept is not None and shown is not None and not shown.exists():
         write(
-            f"{BANNER}\n!! No AUTH_KEY was set, so gptload made one and keeps it in data/auth_key\n"
+            f"{BANNER}\n!! No AUTH_KEY is set, so gptload made one; it keeps it in {kept}\n"
             f"!! (mode 0600). It opens the management API (/api) and, until you change the\n"
             f"!! proxy_keys setting, every proxy group:\n!!\n!!     {settings.AUTH_KEY}\n!!\n"
             "!! It is shown this once; `manage.py auth_key` prints it again.\n"
             f"{BANNER}"
         )
+        shown.touch()
         return
     problem = weakness(settings.AUTH_KEY)
     if problem:
