@@ -184,6 +184,10 @@ class ProxyHandler:
             async for chunk in relay:
                 await self._write(send, exchange, {"type": "http.response.body", "body": chunk,
                                                    "more_body": True})  # fmt: skip
+            if relay.cut:
+                # Left unfinished, so that the server drops the connection and the client
+                # sees a broken answer, not a complete one (the server logs one line).
+                return
             await self._write(send, exchange, {"type": "http.response.body", "body": b""})
         finally:
             self._exchanges.discard(exchange)

@@ -663,6 +663,7 @@ class Relay:
         target = attempt.target
         self.tap = UsageTap(target.group.provider, self.sse, encoding, strip=target.strip_usage)
         self.finished = False
+        self.cut = False  # the upstream broke off: the client must not see a clean end
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._stream()
@@ -677,6 +678,7 @@ class Relay:
                 yield rest
             ended = "done"
         except UNREACHABLE as exc:  # the upstream broke off mid-body
+            self.cut = True
             key = self.attempt.key
             secret = key.secret if key else ""
             error = f"upstream broke off: {type(exc).__name__}: {mask_in(str(exc), secret)}"

@@ -3,6 +3,7 @@ aggregates, model lists, header rules, timeouts, our own failures, shared key st
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -263,3 +264,67 @@ def test_upstream_calls_go_through_the_groups_proxy_url(gateway, provider, make_
         assert relay.hits[0][0] == ("http" if scheme == "http" else "socks5")
         assert provider.requests[0].key == "k1"
         assert "Proxy-Authorization" not in provider.requests[0].headers
+
+
+def test_a_stream_the_upstream_cuts_is_an_error_but_not_the_keys_fault(
+    gateway, provider, make_group
+):
+    make_group(keys=("k1",), config={"blacklist_threshold": 1})
+    provider.behave("k1", Behaviour(drop_after=2))
+    seen = b""
+    with pytest.raises(httpx.HTTPError), httpx.stream(  # noqa: PT012 - reading is what fails
+        "POST", proxy_url(gateway, "openai") + "/v1/chat/completions",
+        json={**CHAT, "stream": True}, headers={**AUTH, "Accept-Encoding": "identity"},
+    ) as response:  # fmt: skip
+        for chunk in response.iter_raw():
+            seen += chunk
+    assert seen.count(b"tok") == 2  # what came before the cut was relayed
+    (row,) = final_rows(1)
+    assert (row.status_code, row.is_success) == (200, False)
+    assert "broke off" in row.error_message
+    key = APIKey.objects.get()
+    assert (key.status, key.consecutive_failures) == (KeyStatus.ACTIVE, 0)
+
+
+class EndsEarly:
+    """An upstream whose SSE answer ends cleanly, but before its last event."""
+
+    def __init__(self) -> None:
+        from aiohttp import web
+
+        async def answer(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            await response.write(b'data: {"choices":[{"delta":{"content":"half"}}]}\n\n')
+            await response.write_eof()
+            return response
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", answer)
+        self.runner = web.AppRunner(app)
+        self.loop = asyncio.new_event_loop()
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def test_a_stream_that_ends_before_its_last_event_is_logged_truncated(gateway, make_group):
+    upstream = EndsEarly()
+    try:
+        make_group(keys=("k1",), upstreams=[{"url": upstream.url, "weight": 1}])
+        answer = httpx.post(proxy_url(gateway, "openai") + "/v1/chat/completions",
+                            json={**CHAT, "stream": True}, headers=AUTH)  # fmt: skip
+        assert answer.text.startswith("data: ")
+    finally:
+        upstream.close()
+    (row,) = final_rows(1)
+    assert (row.status_code, row.is_success) == (200, False)
+    assert "truncated" in row.error_message
+    assert APIKey.objects.get().consecutive_failures == 0
