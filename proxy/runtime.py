@@ -234,8 +234,8 @@ class Runtime:
         if channel == CONFIG_CHANNEL:
             try:
                 await self.refresh()
-            except Exception:
-                log.exception("proxy snapshot refresh failed")
+            except Exception:  # the once-a-second check reports an outage, once
+                log.debug("snapshot refresh on a Redis message failed", exc_info=True)
             return
         state = from_other_node(message["data"])
         current = self.snapshot

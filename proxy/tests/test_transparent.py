@@ -4,35 +4,21 @@ Also what crosses the gateway and what does not: one Date, no hop-by-hop headers
 
 from __future__ import annotations
 
-import gzip
 import json
 import socket
-import zlib
 from typing import Any
 
-import brotli
 import httpx
 import pytest
-from backports import zstd
 
 from logs.models import RequestLog
 from proxy.tests.conftest import PROXY_KEY, proxy_url, wait_until
+from tests.codings import CODINGS, decompress
 from tests.fakeprovider import COMPLETION_TOKENS, PROMPT_TOKENS, Behaviour, full_text
 
 pytestmark = pytest.mark.django_db(transaction=True)
 AUTH = {"Authorization": f"Bearer {PROXY_KEY}"}
 CHAT: Any = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-CODINGS = ["gzip", "deflate", "br", "zstd"]
-
-
-def decode(body: bytes, coding: str) -> bytes:
-    if coding == "gzip":
-        return gzip.decompress(body)
-    if coding == "deflate":
-        return zlib.decompress(body)
-    if coding == "br":
-        return brotli.decompress(body)
-    return zstd.decompress(body)
 
 
 def raw_post(gateway: str, group: str, body: Any, **headers: str) -> httpx.Response:
@@ -62,7 +48,7 @@ def test_a_compressed_answer_reaches_the_client_as_it_was_sent(
     assert response.status_code == 200
     assert response.headers["content-encoding"] == coding
     assert int(response.headers["content-length"]) == len(raw)
-    answer = json.loads(decode(raw, coding))
+    answer = json.loads(decompress(raw, coding))
     assert answer["choices"][0]["message"]["content"] == full_text()
     row = last_row()
     assert (row.prompt_tokens, row.completion_tokens) == (PROMPT_TOKENS, COMPLETION_TOKENS)
@@ -77,7 +63,7 @@ def test_a_compressed_stream_is_relayed_as_it_was_sent_and_its_usage_read(
     response = raw_post(gateway, "openai", body, **{"Accept-Encoding": coding})
     assert response.headers["content-encoding"] == coding
     assert "content-length" not in response.headers
-    events = decode(response.read_raw, coding)  # type: ignore[attr-defined]
+    events = decompress(response.read_raw, coding)  # type: ignore[attr-defined]
     assert events.endswith(b"data: [DONE]\n\n")
     row = last_row()
     assert (row.status_code, row.is_success, row.is_stream) == (200, True, True)
@@ -92,7 +78,7 @@ def test_a_compressed_error_passes_through_with_matching_bytes(gateway, provider
     assert response.headers["content-encoding"] == "br"
     raw = response.read_raw  # type: ignore[attr-defined]
     assert int(response.headers["content-length"]) == len(raw)
-    assert json.loads(brotli.decompress(raw))["error"]["message"]
+    assert json.loads(decompress(raw, "br"))["error"]["message"]
 
 
 def test_a_rewritten_model_list_is_sent_plain_whatever_the_upstream_sent(

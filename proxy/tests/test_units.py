@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import gzip
-import zlib
 
-import brotli
 import orjson
 import pytest
-from backports import zstd
 
 from gptload.lib.providers import provider_for
 from gptload.lib.secrets import mask_in
@@ -17,6 +14,7 @@ from logs.writer import LogEntry
 from proxy import modellist
 from proxy.recorder import Recorder
 from proxy.usage import UsageTap
+from tests.codings import CODINGS, compress
 
 OPENAI = provider_for("openai")
 
@@ -71,17 +69,7 @@ def test_usage_is_read_through_gzip_and_from_the_tail_of_a_big_body():
     assert tap.usage.prompt_tokens == 1
 
 
-def compress(body: bytes, encoding: str) -> bytes:
-    if encoding == "gzip":
-        return gzip.compress(body)
-    if encoding == "deflate":
-        return zlib.compress(body)
-    if encoding == "br":
-        return brotli.compress(body)
-    return zstd.compress(body)
-
-
-@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+@pytest.mark.parametrize("encoding", CODINGS)
 def test_usage_and_the_last_event_are_read_through_every_encoding(encoding):
     body = sse(chunk("a"), USAGE) + b"data: [DONE]\n\n"
     packed = compress(body, encoding)

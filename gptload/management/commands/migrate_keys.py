@@ -1,11 +1,7 @@
-"""`manage.py migrate_keys`: re-encrypt stored upstream keys from one ENCRYPTION_KEY to
-another (REFERENCE.md §3.8), safely re-runnable after an interruption.
-
-Each row is judged on its own: it is *under* a key when its value decrypts with that key
-and its hash is that key's hash of the plaintext (for plaintext, "decrypting" is the
-identity, so the hash alone decides). Rows under OLD are rewritten, value and hash in one
-UPDATE; rows already under NEW are skipped. A run cut short therefore leaves every row
-wholly under OLD or wholly under NEW, and the next run finishes the job.
+"""`manage.py migrate_keys`: re-encrypt stored upstream keys, and the key columns of the
+request logs, from one ENCRYPTION_KEY to another (REFERENCE.md §3.8), safely re-runnable
+after an interruption (how: `keys.rekey`). It lives in the entry package because it
+drives two apps, `keys` and `logs`.
 """
 
 from __future__ import annotations
