@@ -1,9 +1,18 @@
 from __future__ import annotations
 
 from django.apps import AppConfig
+from django.contrib.admin import apps as admin_apps
+
+
+class AdminConfig(admin_apps.AdminConfig):
+    """Django's admin, served by gptload's site (the Unfold theme, AUTH_KEY sign-in)."""
+
+    default = False  # the `gptload` app's own config is GptloadConfig
+    default_site = "gptload.console.GptloadAdminSite"
 
 
 class GptloadConfig(AppConfig):
+    default = True
     name = "gptload"
     verbose_name = "gptload"
 

@@ -124,7 +124,10 @@ LOGGING = build_logging(LOG_LEVEL, LOG_FORMAT, LOG_FILE_PATH if LOG_ENABLE_FILE 
 TIME_ZONE = env.timezone("TZ", "UTC")
 USE_TZ = True
 USE_I18N = True
-LANGUAGE_CODE = "en-us"
+LANGUAGE_CODE = "en"
+# The console and the API's messages follow the browser's language (GPT-Load's three).
+LANGUAGES = [("en", "English"), ("zh-hans", "简体中文"), ("ja", "日本語")]
+LOCALE_PATHS = [BASE_DIR / "locale"]
 
 # --- Django ---
 DEBUG = env.boolean("DJANGO_DEBUG", False)
@@ -136,7 +139,11 @@ CSRF_TRUSTED_ORIGINS = env.items("CSRF_TRUSTED_ORIGINS", "")
 RUNSERVER = sys.argv[1:2] == ["runserver"]
 INSTALLED_APPS = [
     *(["daphne"] if RUNSERVER else []),
-    "django.contrib.admin",
+    # The admin's theme, before the admin, whose templates it overrides (its basic config:
+    # the default one would replace our admin site with its own).
+    "unfold.apps.BasicAppConfig",
+    "unfold.contrib.filters",
+    "gptload.apps.AdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -156,6 +163,7 @@ MIDDLEWARE = [
     "servestatic.middleware.ServeStaticMiddleware",
     *(["corsheaders.middleware.CorsMiddleware"] if ENABLE_CORS else []),
     "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.locale.LocaleMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -177,6 +185,11 @@ TEMPLATES = [
             ],
         },
     },
+]
+# The AUTH_KEY signs in as the built-in `gptload` superuser; Django users as themselves.
+AUTHENTICATION_BACKENDS = [
+    "django.contrib.auth.backends.ModelBackend",
+    "gptload.lib.signin.AuthKeyBackend",
 ]
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -221,3 +234,78 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # Hourly statistics feed the dashboard's long views; they are pruned after this many
 # days (0: never). Request logs follow the `request_log_retention_days` setting.
 STATS_RETENTION_DAYS = env.integer("STATS_RETENTION_DAYS", 400, minimum=0)
+
+# --- the console (Django admin with the Unfold theme; every asset served from here) ---
+UNFOLD = {
+    "SITE_TITLE": "gptload",
+    "SITE_HEADER": "gptload",
+    "SITE_SUBHEADER": "AI gateway",
+    "SITE_SYMBOL": "fast_forward",
+    "SITE_URL": "/admin/",
+    "SITE_FAVICONS": [
+        {"rel": "icon", "type": "image/x-icon", "href": "/static/gptload/favicon.ico"},
+    ],
+    "SHOW_HISTORY": True,
+    "SHOW_VIEW_ON_SITE": False,
+    "SHOW_LANGUAGES": True,
+    "DASHBOARD_CALLBACK": "gptload.dashboard.dashboard_callback",
+    "BORDER_RADIUS": "8px",
+    "COLORS": {
+        "primary": {
+            "50": "238 242 255",
+            "100": "224 231 255",
+            "200": "199 210 254",
+            "300": "165 180 252",
+            "400": "129 140 248",
+            "500": "99 102 241",
+            "600": "79 70 229",
+            "700": "67 56 202",
+            "800": "55 48 163",
+            "900": "49 46 129",
+            "950": "30 27 75",
+        },
+    },
+    "SIDEBAR": {
+        "show_search": True,
+        "show_all_applications": False,
+        "navigation": [
+            {
+                "title": "Gateway",
+                "items": [
+                    {"title": "Dashboard", "icon": "dashboard", "link": "/admin/"},
+                    {"title": "Groups", "icon": "hub", "link": "/admin/keys/group/"},
+                    {"title": "Keys", "icon": "key", "link": "/admin/keys/apikey/"},
+                    {
+                        "title": "Request logs",
+                        "icon": "receipt_long",
+                        "link": "/admin/logs/requestlog/",
+                    },
+                    {
+                        "title": "Settings",
+                        "icon": "tune",
+                        "link": "/admin/settings_app/systemsetting/",
+                    },
+                ],
+            },
+            {
+                "title": "Operations",
+                "collapsible": True,
+                "items": [
+                    {"title": "Key jobs", "icon": "pending_actions", "link": "/admin/keys/keyjob/"},
+                    {
+                        "title": "Schedules",
+                        "icon": "schedule",
+                        "link": "/admin/django_celery_beat/periodictask/",
+                    },
+                    {
+                        "title": "Hourly statistics",
+                        "icon": "bar_chart",
+                        "link": "/admin/logs/hourlystat/",
+                    },
+                    {"title": "Users", "icon": "person", "link": "/admin/auth/user/"},
+                    {"title": "Roles", "icon": "group", "link": "/admin/auth/group/"},
+                ],
+            },
+        ],
+    },
+}

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.templatetags.static import static
-from django.urls import path, re_path
+from django.urls import include, path, re_path
 from django.views.generic import RedirectView
 
 from gptload import api_system
@@ -27,6 +27,7 @@ api.add_router("/settings", settings_api.router)
 urlpatterns = [
     path("health", health, name="health"),
     path("admin/", admin.site.urls),
+    path("i18n/", include("django.conf.urls.i18n")),  # the console's language switcher
     path("proxy/", proxy_api.urls),
     path("api/", api.urls),
     re_path(r"^api/", unknown_path),  # any rest, newlines included (`.` stops at one)

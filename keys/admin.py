@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from django.contrib import admin
+from unfold.admin import ModelAdmin, TabularInline
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
@@ -16,7 +17,7 @@ class GroupForm(SecretFieldsForm):
         fields = "__all__"
 
 
-class MemberInline(admin.TabularInline):
+class MemberInline(TabularInline):
     model = GroupSubGroup
     fk_name = "group"
     extra = 0
@@ -24,7 +25,7 @@ class MemberInline(admin.TabularInline):
 
 
 @admin.register(Group)
-class GroupAdmin(admin.ModelAdmin):
+class GroupAdmin(ModelAdmin):
     form = GroupForm
     list_display = [
         "name",
@@ -43,7 +44,7 @@ class GroupAdmin(admin.ModelAdmin):
 
 
 @admin.register(APIKey)
-class APIKeyAdmin(admin.ModelAdmin):
+class APIKeyAdmin(ModelAdmin):
     list_display = ["masked", "group", "status", "cooling_until", "consecutive_failures",
                     "failure_count", "request_count", "last_used_at"]  # fmt: skip
     list_filter = ["status", "group"]
@@ -64,14 +65,14 @@ class APIKeyAdmin(admin.ModelAdmin):
 
 
 @admin.register(GroupSubGroup)
-class GroupSubGroupAdmin(admin.ModelAdmin):
+class GroupSubGroupAdmin(ModelAdmin):
     list_display = ["group", "sub_group", "weight"]
     list_select_related = ["group", "sub_group"]
     autocomplete_fields = ["group", "sub_group"]
 
 
 @admin.register(KeyJob)
-class KeyJobAdmin(admin.ModelAdmin):
+class KeyJobAdmin(ModelAdmin):
     """Bulk imports, deletes and validations: read-only; the API and commands start them."""
 
     list_display = ("id", "kind", "group", "status", "processed", "total", "created_at",

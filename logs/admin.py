@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 from django.contrib import admin
+from unfold.admin import ModelAdmin
 from django.http import HttpRequest
 
 from logs.models import HourlyStat, RequestLog
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class ReadOnlyAdmin(ModelAdmin):
     """Rows written by the gateway itself: viewable, never edited by hand."""
 
     show_full_result_count = False

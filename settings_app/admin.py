@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin
+from unfold.admin import ModelAdmin
 
 from gptload.lib.adminsecrets import SecretFieldsForm
 from gptload.lib.secrets import mask
@@ -24,7 +25,7 @@ class SystemSettingForm(SecretFieldsForm):
 
 
 @admin.register(SystemSetting)
-class SystemSettingAdmin(admin.ModelAdmin):
+class SystemSettingAdmin(ModelAdmin):
     form = SystemSettingForm
     list_display = ["setting_key", "value", "default", "overridden_by", "description", "updated_at"]
     search_fields = ["setting_key", "description"]
