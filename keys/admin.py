@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from unfold.admin import ModelAdmin, TabularInline
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from unfold.admin import ModelAdmin, TabularInline
 
 from gptload.lib.adminsecrets import SecretFieldsForm
 from keys.models import APIKey, Group, GroupSubGroup, KeyJob

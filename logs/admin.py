@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from unfold.admin import ModelAdmin
 from django.http import HttpRequest
+from unfold.admin import ModelAdmin
 
 from logs.models import HourlyStat, RequestLog
 
