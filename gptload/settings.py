@@ -149,6 +149,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "django.forms",  # the built-in widget templates, for the renderer below
     "corsheaders",
     "channels",
     "django_celery_beat",
@@ -191,6 +192,9 @@ AUTHENTICATION_BACKENDS = [
     "django.contrib.auth.backends.ModelBackend",
     "gptload.lib.signin.AuthKeyBackend",
 ]
+# Widgets render through TEMPLATES, so that the console's own (templates/gptload/widgets/)
+# are found like any template.
+FORM_RENDERER = "django.forms.renderers.TemplatesSetting"
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -245,6 +249,7 @@ UNFOLD = {
     "SITE_FAVICONS": [
         {"rel": "icon", "type": "image/x-icon", "href": "/static/gptload/favicon.ico"},
     ],
+    "SCRIPTS": [lambda request: "/static/gptload/console.js"],
     "SHOW_HISTORY": True,
     "SHOW_VIEW_ON_SITE": False,
     "SHOW_LANGUAGES": True,

@@ -191,7 +191,9 @@ def execute(
             result = services.delete_keys(job.group, keys, progress)
         else:
             statuses = job.params.get("statuses") or list(VALIDATABLE)
-            result = dict(checker.validate_keys(job.group, statuses=statuses, progress=progress))
+            key_ids = job.params.get("key_ids")  # chosen keys (the console's selection)
+            result = dict(checker.validate_keys(job.group, statuses=statuses, key_ids=key_ids,
+                                                progress=progress))  # fmt: skip
         progress.check()
     _finish(job.pk, JobStatus.SUCCEEDED, result=result, processed=progress.processed,
             total=progress.total)  # fmt: skip
