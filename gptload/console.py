@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.contrib import messages
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.utils.translation import gettext_lazy as _
@@ -36,10 +37,10 @@ class GptloadAdminSite(UnfoldAdminSite):
         if request.method != "POST":
             return super().login(request, extra_context)
         if wait := throttle.blocked_for(request):
+            messages.error(request, _("Too many failed sign-ins from your address: try again in "
+                                      "%(minutes)d minutes.") % {"minutes": (wait + 59) // 60})  # fmt: skip
             context = {**self.each_context(request), "title": _("Log in"), "form": self.login_form(request),
-                       "app_path": request.get_full_path(), "username": "",
-                       "locked_out": _("Too many failed sign-ins from your address: try again in "
-                                       "%(minutes)d minutes.") % {"minutes": (wait + 59) // 60}}  # fmt: skip
+                       "app_path": request.get_full_path(), "username": ""}  # fmt: skip
             return TemplateResponse(request, "admin/login.html", context, status=429)
         response = super().login(request, extra_context)
         if request.user.is_authenticated and response.status_code == 302:

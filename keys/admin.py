@@ -456,7 +456,7 @@ class APIKeyAdmin(ModelAdmin):
         if not self.has_change_permission(request):
             raise PermissionDenied
         lines = []
-        for key in queryset.only("key_value"):
+        for key in queryset.select_related(None).only("key_value"):
             try:
                 lines.append(key.secret)
             except DecryptionError:
