@@ -1,6 +1,7 @@
 """The ASGI application: `uvicorn gptload.asgi:application` or `daphne gptload.asgi:application`.
 
-HTTP goes to Django; lifespan events start and stop the per-process services.
+HTTP goes to Django (`/proxy/` to its lean handler), the WebSocket of the live dashboard
+to its consumer; lifespan events start and stop the per-process services.
 """
 
 from __future__ import annotations
@@ -24,7 +25,19 @@ from proxy.handler import ProxyHandler  # noqa: E402
 proxy_application = ProxyHandler()
 
 
-router = ProtocolTypeRouter({"http": django_application, "lifespan": lifespan})
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.urls import path  # noqa: E402
+
+from logs.consumers import DashboardConsumer  # noqa: E402
+
+websockets = AllowedHostsOriginValidator(
+    AuthMiddlewareStack(URLRouter([path("ws/dashboard/", DashboardConsumer.as_asgi())]))
+)
+router = ProtocolTypeRouter(
+    {"http": django_application, "websocket": websockets, "lifespan": lifespan}
+)
 
 
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -149,6 +149,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "django.contrib.humanize",  # the console's numbers (1,234)
     "django.forms",  # the built-in widget templates, for the renderer below
     "corsheaders",
     "channels",
@@ -192,6 +193,8 @@ AUTHENTICATION_BACKENDS = [
     "django.contrib.auth.backends.ModelBackend",
     "gptload.lib.signin.AuthKeyBackend",
 ]
+LOGIN_URL = "/admin/login/"
+LOGIN_REDIRECT_URL = "/admin/"
 # Widgets render through TEMPLATES, so that the console's own (templates/gptload/widgets/)
 # are found like any template.
 FORM_RENDERER = "django.forms.renderers.TemplatesSetting"

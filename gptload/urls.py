@@ -15,7 +15,7 @@ from settings_app import api as settings_api
 
 admin.site.site_header = "gptload"
 admin.site.site_title = "gptload"
-admin.site.index_title = "Gateway administration"
+admin.site.index_title = "Dashboard"
 
 api.add_router("", api_system.router)  # auth, channel types, integration, tasks
 api.add_router("/groups", api_groups.router)

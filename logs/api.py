@@ -13,13 +13,12 @@ import csv
 import io
 import re
 from collections.abc import AsyncIterator, Iterable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from asgiref.sync import sync_to_async
-from django.conf import settings
 from django.core.handlers.asgi import ASGIRequest
-from django.db.models import Count, F, Q, QuerySet, Sum, Window
+from django.db.models import F, QuerySet, Window
 from django.db.models.functions import RowNumber
 from django.http import HttpRequest, StreamingHttpResponse
 from django.utils import timezone
@@ -38,12 +37,12 @@ from gptload.lib.api import (
     paginate,
 )
 from gptload.lib.crypto import Cipher, DecryptionError, current_cipher
-from gptload.lib.secrets import constant_time_in, mask, weakness
+from gptload.lib.secrets import mask
 from keys.api_groups import KeyStatsOut, get_group
-from keys.models import APIKey, Group, GroupType, KeyStatus
-from logs.models import HourlyStat, RequestLog, RequestType
+from keys.models import APIKey, Group
+from logs import dashboard
+from logs.models import RequestLog
 from logs.stats import group_stats as stats_of_group
-from settings_app.models import SystemSetting
 
 router = Router(tags=["logs"])
 UNDECRYPTABLE = "failed-to-decrypt"
@@ -303,137 +302,6 @@ class DashboardStats(Schema):
     security_warnings: list[SecurityWarning]
 
 
-def change(current: float, previous: float) -> tuple[float, bool]:
-    """GPT-Load's trend: % change, 100 when there was nothing before, 0 when nothing at all."""
-    if previous > 0:
-        trend = (current - previous) / previous * 100
-        return round(trend, 2), trend >= 0
-    return (100.0, True) if current > 0 else (0.0, True)
-
-
-def standard_groups_only(stats: QuerySet[HourlyStat]) -> QuerySet[HourlyStat]:
-    """Without the rows of aggregate groups: their traffic is already in their members'."""
-    aggregates = Group.objects.filter(group_type=GroupType.AGGREGATE).values("id")
-    return stats.exclude(group_id__in=aggregates)
-
-
-def current_hour() -> datetime:
-    return timezone.now().replace(minute=0, second=0, microsecond=0)
-
-
-def key_card() -> dict[str, Any]:
-    by_status = APIKey.objects.order_by().values("status").annotate(n=Count("id"))
-    counts = {row["status"]: row["n"] for row in by_status}
-    invalid = counts.get(KeyStatus.INVALID, 0)
-    return {"value": counts.get(KeyStatus.ACTIVE, 0), "sub_value": invalid,
-            "sub_value_tip": "invalid keys", "invalid": invalid,
-            "cooling": counts.get(KeyStatus.COOLING, 0),
-            "disabled": counts.get(KeyStatus.DISABLED, 0)}  # fmt: skip
-
-
-def rpm_card() -> dict[str, Any]:
-    now = timezone.now()
-    recent = RequestLog.objects.filter(
-        request_type=RequestType.FINAL, timestamp__gte=now - timedelta(minutes=20)
-    ).aggregate(
-        current=Count("id", filter=Q(timestamp__gte=now - timedelta(minutes=10))),
-        previous=Count("id", filter=Q(timestamp__lt=now - timedelta(minutes=10))),
-    )
-    rpm, before = recent["current"] / 10, recent["previous"] / 10
-    trend, good = change(rpm, before)
-    return {"value": rpm, "trend": trend, "trend_is_growth": good}
-
-
-def day_totals() -> tuple[dict[str, int], dict[str, int]]:
-    """Sums over the 24 hourly buckets up to the current one and the 24 before them."""
-    this_hour = current_hour()
-    start, boundary = this_hour - timedelta(hours=47), this_hour - timedelta(hours=23)
-    stats = HourlyStat.objects.filter(time__gte=start, time__lt=this_hour + timedelta(hours=1))
-    stats = standard_groups_only(stats)
-    fields = (
-        "success_count",
-        "failure_count",
-        "prompt_tokens",
-        "completion_tokens",
-        "total_tokens",
-    )
-    sums = stats.aggregate(
-        **{f"now_{f}": Sum(f, filter=Q(time__gte=boundary)) for f in fields},
-        **{f"before_{f}": Sum(f, filter=Q(time__lt=boundary)) for f in fields},
-    )
-    now = {f: int(sums[f"now_{f}"] or 0) for f in fields}
-    before = {f: int(sums[f"before_{f}"] or 0) for f in fields}
-    return now, before
-
-
-def request_and_error_cards(
-    now: dict[str, int], before: dict[str, int]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    total = now["success_count"] + now["failure_count"]
-    total_before = before["success_count"] + before["failure_count"]
-    trend, good = change(total, total_before)
-    requests = {"value": total, "trend": trend, "trend_is_growth": good}
-    rate = now["failure_count"] / total * 100 if total else 0.0
-    rate_before = before["failure_count"] / total_before * 100 if total_before else 0.0
-    # With nothing to compare with, the trend is the rate itself (as GPT-Load shows it).
-    points = rate - rate_before if total_before else rate
-    errors = {"value": round(rate, 2), "trend": round(points, 2), "trend_is_growth": points <= 0}
-    return requests, errors
-
-
-def token_card(now: dict[str, int], before: dict[str, int]) -> dict[str, Any]:
-    trend, good = change(now["total_tokens"], before["total_tokens"])
-    return {"value": now["total_tokens"], "trend": trend, "trend_is_growth": good,
-            "prompt_tokens": now["prompt_tokens"],
-            "completion_tokens": now["completion_tokens"]}  # fmt: skip
-
-
-STRONG_ADVICE = "Use a random string of 32 or more characters (e.g. `openssl rand -hex 32`)."
-
-
-def secret_warnings(name: str, secret: str) -> list[dict[str, str]]:
-    """Warnings about one configured secret, naming it by `name` and never quoting it."""
-    reason = weakness(secret)
-    if reason:
-        return [{"type": name, "message": f"{name} is weak: {reason}.", "severity": "high",
-                 "suggestion": STRONG_ADVICE}]  # fmt: skip
-    if len(secret) < 32:
-        return [{"type": name, "severity": "medium", "suggestion": STRONG_ADVICE,
-                 "message": f"{name} has {len(secret)} characters; 32 or more are recommended."}]  # fmt: skip
-    return []
-
-
-def security_warnings() -> list[dict[str, str]]:
-    warnings = secret_warnings("AUTH_KEY", settings.AUTH_KEY)
-    if settings.ENCRYPTION_KEY:
-        warnings += secret_warnings("ENCRYPTION_KEY", settings.ENCRYPTION_KEY)
-    else:
-        warnings.append({"type": "ENCRYPTION_KEY", "severity": "high",
-                         "message": "ENCRYPTION_KEY is not set: upstream keys are stored in "
-                                    "plaintext in the database.",
-                         "suggestion": "Set ENCRYPTION_KEY to a random string of 32 or more "
-                                       "characters before importing keys; keys already stored "
-                                       "must then be re-encrypted."})  # fmt: skip
-    global_keys = str(SystemSetting.objects.effective()["proxy_keys"]).split(",")
-    for number, key in enumerate((k for k in global_keys if k), start=1):
-        warnings += proxy_key_warnings(f"Global proxy key #{number}", key)
-    for group in Group.objects.exclude(proxy_keys="").order_by("sort", "id"):
-        for number, key in enumerate(group.proxy_key_list, start=1):
-            warnings += proxy_key_warnings(f"Proxy key #{number} of group {group.name}", key)
-    return warnings
-
-
-def proxy_key_warnings(name: str, key: str) -> list[dict[str, str]]:
-    warnings = secret_warnings(name, key)
-    if constant_time_in(key, (settings.AUTH_KEY,)):
-        warnings.append({"type": name, "severity": "high",
-                         "message": f"{name} is the same as AUTH_KEY: a client that may use "
-                                    "the proxy with it can also use the admin API.",
-                         "suggestion": "Give clients their own proxy keys and keep AUTH_KEY "
-                                       "for administrators."})  # fmt: skip
-    return warnings
-
-
 class RequestStatsOut(Schema):
     total_requests: int
     failed_requests: int
@@ -460,11 +328,7 @@ def dashboard_stats(request: HttpRequest) -> dict[str, Any]:
     attempts vs the 10 before), requests, error rate and tokens over the last 24 hours vs
     the 24 before (standard groups only, so that aggregate traffic is not counted twice),
     and warnings about weak or missing secrets."""
-    now, before = day_totals()
-    requests, errors = request_and_error_cards(now, before)
-    return ok({"key_count": key_card(), "rpm": rpm_card(), "request_count": requests,
-               "error_rate": errors, "token_count": token_card(now, before),
-               "security_warnings": security_warnings()})  # fmt: skip
+    return ok(dashboard.stats())
 
 
 class ChartSeries(Schema):
@@ -493,32 +357,10 @@ class ChartQuery(Schema):
 def dashboard_chart(request: HttpRequest, query: Query[ChartQuery]) -> dict[str, Any]:
     """Successful and failed requests per hour over the last 24 hours (the current hour
     last), for one group (`groupId`, aggregates included) or for all standard groups."""
-    first = current_hour() - timedelta(hours=23)
-    stats = HourlyStat.objects.filter(time__gte=first, time__lt=first + timedelta(hours=24))
     group_id = query.group_id
-    if group_id is not None:
-        if not Group.objects.filter(pk=group_id).exists():
-            raise not_found(f"group {group_id}")
-        stats = stats.filter(group_id=group_id)
-    else:
-        stats = standard_groups_only(stats)
-    per_hour = {
-        row["time"]: row
-        for row in stats.order_by()
-        .values("time")
-        .annotate(ok=Sum("success_count"), failed=Sum("failure_count"))
-    }
-    hours = [first + timedelta(hours=i) for i in range(24)]
-    series = [per_hour.get(h, {}) for h in hours]
-    return ok({
-        "labels": [h.strftime("%Y-%m-%dT%H:%M:%SZ") for h in hours],
-        "datasets": [
-            {"label": "Successful requests", "color": "rgba(10, 200, 110, 1)",
-             "data": [int(s.get("ok") or 0) for s in series]},
-            {"label": "Failed requests", "color": "rgba(255, 70, 70, 1)",
-             "data": [int(s.get("failed") or 0) for s in series]},
-        ],
-    })  # fmt: skip
+    if group_id is not None and not Group.objects.filter(pk=group_id).exists():
+        raise not_found(f"group {group_id}")
+    return ok(dashboard.hourly_chart(24, group_id))
 
 
 class EncryptionStatus(Schema):

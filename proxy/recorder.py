@@ -16,6 +16,7 @@ import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from logs import live
 from logs.writer import LogEntry, write_batch
 
 log = logging.getLogger("gptload.proxy")
@@ -38,6 +39,10 @@ class Recorder:
         self._writer: ThreadPoolExecutor | None = None
 
     def record(self, entry: LogEntry) -> None:
+        if entry.final:
+            usage = entry.usage
+            live.counters.note(entry.timestamp, entry.success,
+                               (usage.total_tokens or 0) if usage else 0)  # fmt: skip
         if len(self.buffer) >= self.limit:
             self.dropped += 1
             if self.dropped in (1, 100) or self.dropped % 10_000 == 0:

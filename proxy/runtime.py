@@ -35,6 +35,7 @@ from django.db import close_old_connections
 from gptload.lib.lifespan import Service, register
 from gptload.lib.upstream import OutboundProxy, outbound_proxy, upstream_session
 from keys.states import KEYS_CHANNEL, from_other_node, key_states, write_states
+from logs import live
 from proxy import snapshot as snapshots
 from proxy.recorder import recorder
 from proxy.snapshot import ClientSettings, GroupView, Snapshot
@@ -185,6 +186,8 @@ class Runtime:
             await asyncio.sleep(POLL_SECONDS)
             try:
                 await self.flush_keys()
+                if key_states.redis is not None:
+                    await live.counters.push(key_states.redis)
                 await self._refresh()
             except Exception as exc:  # a process edge: keep serving the last snapshot
                 if not failing:  # once per outage, not every second

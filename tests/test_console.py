@@ -322,3 +322,54 @@ def test_a_log_row_page_escapes_upstream_text(operator, logs):
 def test_the_console_answers_in_the_browsers_language(operator):
     page = operator.get("/admin/", HTTP_ACCEPT_LANGUAGE="zh-Hans").content.decode()
     assert 'lang="zh-hans"' in page
+
+
+# Dashboard ----------------------------------------------------------------------------------
+
+
+def test_the_dashboard_shows_cards_chart_top_lists_and_warnings(operator, logs, settings):
+    settings.ENCRYPTION_KEY = ""
+    page = operator.get("/admin/").content.decode()
+    for text in ("Active keys", "Requests per minute", "Error rate, 24 h", "Tokens today",
+                 "hourly-chart", "Busiest groups", "ENCRYPTION_KEY is not set"):  # fmt: skip
+        assert text in page, text
+    assert SECRET not in page
+    assert operator.get("/admin/", {"span": "7d", "group": "1"}).status_code == 200
+
+
+def test_the_dashboard_counts_calls_live_before_their_rows_are_written(operator, monkeypatch):
+    import time
+
+    from logs import dashboard, live
+
+    monkeypatch.setattr(live, "counters", live.LiveCounters())
+    for _ in range(5):
+        live.counters.note(time.time() - 90, True, 10)
+    live.counters.note(time.time() - 90, False, 0)
+    figures = dashboard.live_figures()
+    assert figures["cards"]["rpm"]["value"] == 0.6  # 6 calls in the last 10 minutes
+    assert figures["hour"]["ok"] + figures["hour"]["failed"] >= 6 or time.gmtime().tm_min < 2
+
+
+@pytest.mark.django_db(transaction=True)  # the socket reads the session on another thread
+async def test_the_live_dashboard_socket_serves_staff_only(operator):
+    from channels.testing import WebsocketCommunicator
+
+    from gptload.asgi import application
+
+    anonymous = WebsocketCommunicator(
+        application,
+        "/ws/dashboard/",
+        headers=[(b"origin", b"http://testserver"), (b"host", b"testserver")],
+    )
+    connected, _ = await anonymous.connect()
+    assert not connected
+    session = operator.cookies["sessionid"].value
+    staff = WebsocketCommunicator(application, "/ws/dashboard/", headers=[
+        (b"origin", b"http://testserver"), (b"host", b"testserver"),
+        (b"cookie", f"sessionid={session}".encode())])  # fmt: skip
+    connected, _ = await staff.connect()
+    assert connected
+    message = await staff.receive_json_from(timeout=10)
+    assert {"cards", "keys", "hour", "tokens_today"} <= set(message)
+    await staff.disconnect()

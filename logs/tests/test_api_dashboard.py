@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from gptload.lib.crypto import Cipher
 from keys.models import APIKey, Group, GroupSubGroup
+from logs import live
 from logs.models import HourlyStat, RequestLog
 from settings_app.models import SystemSetting
 
@@ -25,6 +26,7 @@ ENCRYPTION = "Ek7-Tq2mV9xP4wL8rB3nY6hC1jF5dGsZ"
 @pytest.fixture(autouse=True)
 def frozen_now(monkeypatch):
     monkeypatch.setattr(timezone, "now", lambda: NOW)
+    monkeypatch.setattr(live, "counters", live.LiveCounters())  # this test's calls only
 
 
 def use_auth_key(admin_api, settings, key: str) -> None:
@@ -59,11 +61,13 @@ def stat(group: Group, hours_ago: int, ok: int, failed: int, tokens: int = 0, mo
 
 
 def final_logs(minutes_ago: float, count: int, request_type: str = "final") -> list[RequestLog]:
-    return [
-        RequestLog(id=uuid.uuid4(), timestamp=NOW - timedelta(minutes=minutes_ago),
-                   status_code=200, request_type=request_type)
-        for _ in range(count)
-    ]  # fmt: skip
+    """Calls that ended `minutes_ago`: counted live (what requests per minute read) and
+    logged."""
+    when = NOW - timedelta(minutes=minutes_ago)
+    for _ in range(count if request_type == "final" else 0):
+        live.counters.note(when.timestamp(), True, 0)
+    return [RequestLog(id=uuid.uuid4(), timestamp=when, status_code=200, request_type=request_type)
+            for _ in range(count)]  # fmt: skip
 
 
 def test_stats_count_keys_requests_errors_and_tokens(admin_api, world):
