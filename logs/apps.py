@@ -12,7 +12,12 @@ class LogsConfig(AppConfig):
     def ready(self) -> None:
         from django.conf import settings
 
+        from keys.admin import GROUP_FIGURES
+        from logs.stats import annotate_24h_traffic
         from settings_app.changes import config_committed
+
+        if annotate_24h_traffic not in GROUP_FIGURES:  # the group list's 24 h traffic
+            GROUP_FIGURES.append(annotate_24h_traffic)
 
         if settings.REDIS_DSN:  # dashboards on every node hear of a change at once
             config_committed.connect(announce_change, dispatch_uid="dashboard-refresh")

@@ -66,7 +66,7 @@ class LiveCounters:
         current = minute_of(now if now is not None else time.time())
         wanted = list(range(current - minutes + 1, current + 1))
         if not settings.REDIS_DSN:
-            return [tuple(self.minutes.get(m, (0, 0, 0))) for m in wanted]  # type: ignore[misc]
+            return [(c[0], c[1], c[2]) for c in (self.minutes.get(m, (0, 0, 0)) for m in wanted)]
         from django_redis import get_redis_connection
 
         redis = get_redis_connection("default")
@@ -75,8 +75,12 @@ class LiveCounters:
             pipe.hmget(f"{PREFIX}{minute}", "ok", "failed", "tokens")
         shared = pipe.execute()
         # Plus this process's counts of the last second, not yet in Redis.
-        return [tuple(int(v or 0) + self.unsent.get(m, (0, 0, 0))[i] for i, v in enumerate(row))
-                for m, row in zip(wanted, shared, strict=True)]  # type: ignore[misc]  # fmt: skip
+        counts = []
+        for minute, row in zip(wanted, shared, strict=True):
+            ok, failed, tokens = (int(v or 0) for v in row)
+            mine = self.unsent.get(minute, (0, 0, 0))
+            counts.append((ok + mine[0], failed + mine[1], tokens + mine[2]))
+        return counts
 
 
 counters = LiveCounters()

@@ -6,7 +6,8 @@ from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db.models import Sum
+from django.db.models import IntegerField, OuterRef, QuerySet, Subquery, Sum
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from keys.groups import KeyCounts, key_counts
@@ -46,3 +47,14 @@ def group_stats(group: Group) -> dict[str, Any]:
     for name, hours in STAT_WINDOWS:
         stats[name] = request_stats(group.pk, hours, now)
     return stats
+
+
+def annotate_24h_traffic(groups: QuerySet[Group]) -> QuerySet[Group]:
+    """Each group's final requests (ok, failed) over the last 24 hours, from the rollups."""
+    since = timezone.now() - timedelta(hours=24)
+    hours = HourlyStat.objects.filter(group_id=OuterRef("pk"), time__gte=since).order_by()
+    totals = hours.values("group_id").annotate(ok=Sum("success_count"), bad=Sum("failure_count"))
+    return groups.annotate(
+        ok_24h=Coalesce(Subquery(totals.values("ok"), output_field=IntegerField()), 0),
+        failed_24h=Coalesce(Subquery(totals.values("bad"), output_field=IntegerField()), 0),
+    )
