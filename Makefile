@@ -14,14 +14,14 @@ TEST_AUTH_KEY := sk-test-run-0123456789abcdefghij
 SQLITE_WORKERS ?= 2
 BENCH_ARGS ?=
 
-.PHONY: run test test-sqlite test-mysql lint format lock bench bench-keys bench-levers migrate clean system-deps
+.PHONY: browser-deps run test test-sqlite test-mysql lint format lock bench bench-keys bench-levers migrate clean system-deps
 
 run: $(VENV)/.installed
 	$(PY) manage.py serve
 
 # Lint and both stores at once (about 4 minutes on 2 cores instead of 8 one after the
 # other); each target's output is printed whole when it ends (-O).
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev browser-deps
 	.ci/services
 	$(MAKE) --no-print-directory -j3 -O lint test-sqlite test-mysql
 
@@ -87,6 +87,19 @@ system-deps:
 	  else \
 	    echo "error: mysqlclient needs the MySQL/MariaDB client headers:" >&2; \
 	    echo "  sudo apt-get install default-libmysqlclient-dev pkg-config   (Debian/Ubuntu)" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
+# The console's browser test (tests/test_browser.py) drives Debian's Chromium through Playwright.
+browser-deps:
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Chromium for the console's browser test..."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "error: the console's browser test needs Chromium:" >&2; \
+	    echo "  sudo apt-get install chromium   (Debian/Ubuntu)" >&2; \
 	    exit 1; \
 	  fi; \
 	fi

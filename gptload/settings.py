@@ -13,6 +13,7 @@ import hashlib
 import sys
 from pathlib import Path
 
+from django.utils.translation import gettext_lazy as _
 from dotenv import load_dotenv
 
 from gptload.lib import dsn, lifeline
@@ -66,7 +67,7 @@ AUTH_KEY = env.string("AUTH_KEY")
 AUTH_KEY_FILE: Path | None = None
 if not AUTH_KEY:
     AUTH_KEY_FILE = STATE_DIR / "auth_key"
-    AUTH_KEY, _ = stored_secret(AUTH_KEY_FILE, "sk-")
+    AUTH_KEY, _generated = stored_secret(AUTH_KEY_FILE, "sk-")
 ENCRYPTION_KEY = env.string("ENCRYPTION_KEY", "")
 # Django's own signing key (sessions, CSRF) is derived from the operator's secrets so that
 # every node of a cluster agrees on it without one more variable to set.
@@ -246,7 +247,7 @@ STATS_RETENTION_DAYS = env.integer("STATS_RETENTION_DAYS", 400, minimum=0)
 UNFOLD = {
     "SITE_TITLE": "gptload",
     "SITE_HEADER": "gptload",
-    "SITE_SUBHEADER": "AI gateway",
+    "SITE_SUBHEADER": _("AI gateway"),
     "SITE_SYMBOL": "fast_forward",
     "SITE_URL": "/admin/",
     "SITE_FAVICONS": [
@@ -278,40 +279,44 @@ UNFOLD = {
         "show_all_applications": False,
         "navigation": [
             {
-                "title": "Gateway",
+                "title": _("Gateway"),
                 "items": [
-                    {"title": "Dashboard", "icon": "dashboard", "link": "/admin/"},
-                    {"title": "Groups", "icon": "hub", "link": "/admin/keys/group/"},
-                    {"title": "Keys", "icon": "key", "link": "/admin/keys/apikey/"},
+                    {"title": _("Dashboard"), "icon": "dashboard", "link": "/admin/"},
+                    {"title": _("Groups"), "icon": "hub", "link": "/admin/keys/group/"},
+                    {"title": _("Keys"), "icon": "key", "link": "/admin/keys/apikey/"},
                     {
-                        "title": "Request logs",
+                        "title": _("Request logs"),
                         "icon": "receipt_long",
                         "link": "/admin/logs/requestlog/",
                     },
                     {
-                        "title": "Settings",
+                        "title": _("Settings"),
                         "icon": "tune",
                         "link": "/admin/settings_app/systemsetting/",
                     },
                 ],
             },
             {
-                "title": "Operations",
+                "title": _("Operations"),
                 "collapsible": True,
                 "items": [
-                    {"title": "Key jobs", "icon": "pending_actions", "link": "/admin/keys/keyjob/"},
                     {
-                        "title": "Schedules",
+                        "title": _("Key jobs"),
+                        "icon": "pending_actions",
+                        "link": "/admin/keys/keyjob/",
+                    },
+                    {
+                        "title": _("Schedules"),
                         "icon": "schedule",
                         "link": "/admin/django_celery_beat/periodictask/",
                     },
                     {
-                        "title": "Hourly statistics",
+                        "title": _("Hourly statistics"),
                         "icon": "bar_chart",
                         "link": "/admin/logs/hourlystat/",
                     },
-                    {"title": "Users", "icon": "person", "link": "/admin/auth/user/"},
-                    {"title": "Roles", "icon": "group", "link": "/admin/auth/group/"},
+                    {"title": _("Users"), "icon": "person", "link": "/admin/auth/user/"},
+                    {"title": _("Roles"), "icon": "group", "link": "/admin/auth/group/"},
                 ],
             },
         ],

@@ -28,10 +28,10 @@ from django.views.decorators.http import require_POST
 from unfold.admin import ModelAdmin, TabularInline
 from unfold.contrib.filters.admin import ChoicesRadioFilter, RelatedDropdownFilter
 from unfold.decorators import action, display
-from unfold.paginator import InfinitePaginator
 
 from gptload.lib.adminsecrets import SecretFieldsForm
 from gptload.lib.crypto import DecryptionError, current_cipher
+from gptload.lib.paging import InfinitePaginator
 from gptload.lib.providers import PROVIDERS
 from gptload.lib.secrets import mask
 from keys import checker, groups, jobs, services

@@ -25,9 +25,9 @@ from unfold.contrib.filters.admin import (
     TextFilter,
 )
 from unfold.decorators import action, display
-from unfold.paginator import InfinitePaginator
 
 from gptload.lib.crypto import DecryptionError, current_cipher
+from gptload.lib.paging import InfinitePaginator
 from gptload.lib.secrets import mask
 from keys.models import Group
 from logs.models import HourlyStat, RequestLog

@@ -187,6 +187,19 @@ def test_a_whole_key_finds_its_row_in_any_group(operator, group):
     assert "sk-e…6789" not in page
 
 
+@pytest.mark.parametrize("per_page", [1, 100])
+def test_long_lists_are_paged_without_a_count_or_a_made_up_total(operator, group, per_page):
+    from keys.admin import APIKeyAdmin
+
+    APIKey.build(group, "sk-second-0123456789abcd").save()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(APIKeyAdmin, "list_per_page", per_page)
+        page = operator.get("/admin/keys/apikey/").content.decode()
+    assert "999999" not in page
+    # "Every matching key" is offered only when there may be more than the page shows.
+    assert ("Select every matching" in page) == (per_page == 1)
+
+
 @pytest.mark.parametrize(
     ("action", "before", "after"),
     [("disable_selected", KeyStatus.ACTIVE, KeyStatus.DISABLED),
@@ -322,6 +335,29 @@ def test_a_log_row_page_escapes_upstream_text(operator, logs):
 def test_the_console_answers_in_the_browsers_language(operator):
     page = operator.get("/admin/", HTTP_ACCEPT_LANGUAGE="zh-Hans").content.decode()
     assert 'lang="zh-hans"' in page
+    assert "仪表盘" in page  # the sidebar, from the project's own catalog
+
+
+@pytest.mark.parametrize("language", ["zh_Hans", "ja"])
+def test_every_console_string_is_translated_in_the_compiled_catalogs(language):
+    """The .mo files are committed build output: they must hold every msgid of the .po."""
+    import gettext
+    from pathlib import Path
+
+    from django.conf import settings as django_settings
+
+    folder = Path(django_settings.BASE_DIR) / "locale" / language / "LC_MESSAGES"
+    po = (folder / "django.po").read_text()
+    unescape = {"n": "\n", "t": "\t", '"': '"', "\\": "\\"}
+    msgids = {
+        re.sub(r"\\(.)", lambda m: unescape[str(m[1])], "".join(re.findall(r'"(.*)"', block)))
+        for block in re.findall(r'^msgid ((?:".*"\n)+)', po, re.M)
+    } - {""}
+    assert len(msgids) > 100
+    with open(folder / "django.mo", "rb") as compiled:
+        catalog = gettext.GNUTranslations(compiled)._catalog  # type: ignore[attr-defined]
+    plain = {key if isinstance(key, str) else key[0] for key in catalog}
+    assert sorted(msgids - plain) == []
 
 
 # Dashboard ----------------------------------------------------------------------------------

@@ -65,7 +65,10 @@ def test_streams_arrive_event_by_event(gateway, provider, make_group):
             arrivals.append(time.monotonic() - began)
     assert len(arrivals) == 5
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-    assert min(gaps) > 0.03, gaps  # not buffered and released together
+    # Not buffered and released together: the events span the provider's pacing, and a busy
+    # machine may bunch at most one pair of them.
+    assert arrivals[-1] - arrivals[0] > 0.15, gaps
+    assert sum(gap > 0.025 for gap in gaps) >= 3, gaps
 
 
 def test_a_rejected_key_is_benched_and_the_call_retried_on_another(gateway, provider, make_group):
