@@ -101,7 +101,10 @@ class GroupForm(SecretFieldsForm):
             "Settings this group does differently. System values now: %(values)s"
         ) % {"values": ", ".join(f"{k}={effective[k]}" for k in sorted(registry.GROUP_OVERRIDABLE))}
         self.fields["channel_type"].widget.attrs["data-defaults"] = json.dumps(
-            {c: {"upstream": p.default_upstream} for c, p in PROVIDERS.items()}
+            {
+                c: {"upstream": p.default_upstream, "test_model": p.default_test_model}
+                for c, p in PROVIDERS.items()
+            }
         )
 
     def clean_config(self) -> dict[str, Any]:
@@ -248,6 +251,46 @@ class GroupAdmin(ModelAdmin):
     def copy_groups(self, request: HttpRequest, queryset: QuerySet[Group]) -> None:
         made = [groups.copy_group(group).name for group in queryset]
         self.message_user(request, _("Copied as: %(names)s") % {"names": ", ".join(made)})
+
+    # -- deleting: the confirmation counts what goes instead of listing 100k keys --
+
+    def get_deleted_objects(
+        self, objs: Any, request: HttpRequest
+    ) -> tuple[list[Any], dict[str, int], set[str], list[Any]]:
+        chosen = list(objs)
+        counts = groups.key_counts(group.pk for group in chosen)
+        memberships = GroupSubGroup.objects.filter(
+            Q(group__in=chosen) | Q(sub_group__in=chosen)
+        ).count()
+        summary: list[Any] = []
+        for group in chosen:
+            keys = counts[group.pk]
+            summary.append(format_html(
+                "{} <strong>{}</strong>: {}", _("Group"), group.name,
+                _("%(total)s keys (%(active)s active, %(cooling)s cooling, %(invalid)s invalid, "
+                  "%(disabled)s disabled)") % {
+                    "total": f"{keys.total_keys:,}", "active": f"{keys.active_keys:,}",
+                    "cooling": f"{keys.cooling_keys:,}", "invalid": f"{keys.invalid_keys:,}",
+                    "disabled": f"{keys.disabled_keys:,}"},
+            ))  # fmt: skip
+        if memberships:
+            summary.append(_("%(count)s aggregate memberships") % {"count": memberships})
+        summary.append(_("Request logs and statistics are kept."))
+        total_keys = sum(counts[group.pk].total_keys for group in chosen)
+        model_count = {str(_("groups")): len(chosen), str(_("keys")): total_keys}
+        if memberships:
+            model_count[str(_("memberships"))] = memberships
+        missing = set()
+        if total_keys and not request.user.has_perm("keys.delete_apikey"):
+            missing.add(str(APIKey._meta.verbose_name))
+        return summary, model_count, missing, []
+
+    def delete_model(self, request: HttpRequest, obj: Group) -> None:
+        groups.delete_group(obj)  # keys in batches, no per-row signals
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Group]) -> None:
+        for group in queryset:
+            groups.delete_group(group)
 
     # -- a group's key operations (buttons on its page) --
 

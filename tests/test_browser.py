@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +84,16 @@ def test_an_operators_first_day(page: Any, server: Any, fake: FakeProvider) -> N
     # A group: name, channel, an upstream row, a generated proxy key.
     page.goto("/admin/keys/group/add/")
     page.fill("input[name=name]", name)
+    # Picking a channel fills in its default upstream and test model; another channel swaps them.
+    upstream = page.locator('[data-rows-for="upstreams"] input[type="url"]')
+    page.select_option("select[name=channel_type]", "gemini")
+    assert page.input_value("input[name=test_model]") == "gemini-2.0-flash-lite"
+    assert upstream.input_value() == "https://generativelanguage.googleapis.com"
     page.select_option("select[name=channel_type]", "openai")
+    assert page.input_value("input[name=test_model]") == "gpt-4.1-nano"
+    assert upstream.input_value() == "https://api.openai.com"
     page.fill("input[name=test_model]", "gpt-4o-mini")
-    upstreams = page.locator('[data-rows-for="upstreams"]')
-    upstreams.get_by_role("button", name=re.compile("Add a row")).click()
-    upstreams.locator('input[type="url"]').fill(fake.url)
+    upstream.fill(fake.url)
     page.get_by_role("button", name=re.compile("Add a generated key")).click()
     proxy_key = page.input_value("textarea[name=proxy_keys]")
     assert re.fullmatch(r"sk-[A-Za-z0-9]{48}", proxy_key)
@@ -148,7 +154,24 @@ def test_an_operators_first_day(page: Any, server: Any, fake: FakeProvider) -> N
     statuses = reload_until(page, "/admin/logs/requestlog/?status=200", 'td[data-label="Status"]')
     assert statuses
     assert {text.strip() for text in statuses} == {"200"}
+
+    # The same through the filter panel, with a time range: the last hour, then yesterday.
+    def filter_logs(since: datetime, until: datetime) -> list[str]:
+        page.goto("/admin/logs/requestlog/")
+        page.locator("a", has_text="Filters").first.click()
+        page.fill("input[name=status]", "200")
+        for end, when in (("from", since), ("to", until)):
+            page.fill(f"input[name=timestamp_{end}_0]", when.strftime("%Y-%m-%d"))
+            page.fill(f"input[name=timestamp_{end}_1]", when.strftime("%H:%M:%S"))
+        page.get_by_role("button", name=re.compile("Apply Filters")).click()
+        page.wait_for_load_state("networkidle")
+        assert "timestamp_from_0" in page.url
+        return [text.strip() for text in page.locator('td[data-label="Status"]').all_inner_texts()]
+
+    now = datetime.now(UTC)
+    assert set(filter_logs(now - timedelta(hours=1), now + timedelta(minutes=5))) == {"200"}
     shot(page, "logs")
+    assert filter_logs(now - timedelta(days=2), now - timedelta(days=1)) == []
 
     # 简体中文, and back.
     page.goto(group_url)

@@ -3,6 +3,7 @@ what, and what the database holds afterwards."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from datetime import UTC, datetime, timedelta
@@ -12,7 +13,7 @@ from asgiref.sync import async_to_sync
 from django.contrib.auth.models import Permission, User
 from django.test import Client, override_settings
 
-from keys.models import APIKey, Group, KeyJob, KeyStatus
+from keys.models import APIKey, Group, GroupSubGroup, KeyJob, KeyStatus
 from logs.models import RequestLog
 from settings_app.models import ConfigVersion, SystemSetting
 
@@ -168,6 +169,39 @@ def test_the_group_list_shows_key_counts_and_the_endpoint(operator, group):
     assert "/proxy/main" in page
     assert '<span class="text-green-600">1</span>' in page
     assert '<span class="text-red-600">1</span>' in page
+
+
+def test_the_group_form_knows_each_channels_default_upstream_and_test_model(operator):
+    page = operator.get("/admin/keys/group/add/").content.decode()
+    defaults = json.loads(html.unescape(re.search(r'data-defaults="([^"]+)"', page)[1]))
+    assert defaults["gemini"] == {"upstream": "https://generativelanguage.googleapis.com",
+                                  "test_model": "gemini-2.0-flash-lite"}  # fmt: skip
+    assert defaults["anthropic"]["test_model"] == "claude-3-haiku-20240307"
+
+
+def test_deleting_a_group_counts_what_goes_then_deletes_its_keys_and_keeps_its_logs(
+    operator, viewer, group, logs
+):
+    for n in range(3):
+        APIKey.build(group, f"sk-more-{n}-0123456789abcdef").save()
+    APIKey.objects.filter(key_hash=APIKey.build(group, SECRET).key_hash).update(
+        status=KeyStatus.INVALID
+    )
+    aggregate = Group.objects.create(name="all", channel_type="openai", group_type="aggregate")
+    GroupSubGroup.objects.create(group=aggregate, sub_group=group, weight=5)
+    assert viewer.get(f"/admin/keys/group/{group.pk}/delete/").status_code == 403
+    page = operator.get(f"/admin/keys/group/{group.pk}/delete/").content.decode()
+    assert "4 keys (3 active, 0 cooling, 1 invalid, 0 disabled)" in page
+    assert "1 aggregate memberships" in page
+    assert SECRET not in page
+    assert "sk-more" not in page
+    response = operator.post(f"/admin/keys/group/{group.pk}/delete/", {"post": "yes"})
+    assert response.status_code == 302
+    assert not Group.objects.filter(pk=group.pk).exists()
+    assert not APIKey.objects.exists()
+    assert not GroupSubGroup.objects.exists()
+    assert RequestLog.objects.count() == 3
+    assert Group.objects.filter(pk=aggregate.pk).exists()
 
 
 def test_a_key_is_revealed_only_on_request_and_only_to_who_may_change_keys(operator, viewer, group):

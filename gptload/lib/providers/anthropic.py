@@ -23,6 +23,7 @@ class AnthropicProvider(Provider):
     channel = "anthropic"
     label = "Anthropic"
     default_upstream = "https://api.anthropic.com"
+    default_test_model = "claude-3-haiku-20240307"
     key_header = "x-api-key"
 
     def inject_key(self, outbound: Outbound, key: str) -> None:

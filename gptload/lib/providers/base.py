@@ -58,6 +58,7 @@ class Provider:
     channel = ""
     label = ""
     default_upstream = ""
+    default_test_model = ""  # the group form fills it in when this channel is picked
     key_header = "authorization"
     # GPT-Load's validation_endpoint applies to this channel (Gemini ignores it).
     takes_validation_endpoint = True

@@ -21,6 +21,7 @@ class GeminiProvider(Provider):
     channel = "gemini"
     label = "Gemini"
     default_upstream = "https://generativelanguage.googleapis.com"
+    default_test_model = "gemini-2.0-flash-lite"
     key_header = "x-goog-api-key"
     takes_validation_endpoint = False
 

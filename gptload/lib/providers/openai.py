@@ -9,6 +9,7 @@ class OpenAIProvider(Provider):
     channel = "openai"
     label = "OpenAI"
     default_upstream = "https://api.openai.com"
+    default_test_model = "gpt-4.1-nano"
 
     def wants_usage_injection(self, path: str) -> bool:
         return path.endswith("/chat/completions")

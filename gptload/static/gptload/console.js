@@ -41,3 +41,26 @@ function gptloadFollowJob(url) {
   };
   tick();
 }
+
+// The group form: picking a channel fills in its default upstream and test model where the
+// operator left them empty or at another channel's default.
+function gptloadChannelDefaults() {
+  const channel = document.querySelector("select[name=channel_type][data-defaults]");
+  if (!channel) return;
+  const defaults = JSON.parse(channel.dataset.defaults);
+  const isDefault = (value, field) =>
+    !value || Object.values(defaults).some((d) => d[field] === value);
+  channel.addEventListener("change", () => {
+    const chosen = defaults[channel.value];
+    if (!chosen) return;
+    const model = document.querySelector("input[name=test_model]");
+    if (model && isDefault(model.value.trim(), "test_model")) model.value = chosen.test_model;
+    const editor = document.querySelector('[data-rows-for="upstreams"]');
+    if (!editor || !window.Alpine) return;
+    const rows = window.Alpine.$data(editor).rows;
+    if (!rows.length) rows.push({ url: chosen.upstream, weight: 1 });
+    else if (isDefault(rows[0].url.trim(), "upstream")) rows[0].url = chosen.upstream;
+  });
+}
+if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", gptloadChannelDefaults);
+else gptloadChannelDefaults();
