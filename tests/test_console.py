@@ -173,7 +173,9 @@ def test_the_group_list_shows_key_counts_and_the_endpoint(operator, group):
 
 def test_the_group_form_knows_each_channels_default_upstream_and_test_model(operator):
     page = operator.get("/admin/keys/group/add/").content.decode()
-    defaults = json.loads(html.unescape(re.search(r'data-defaults="([^"]+)"', page)[1]))
+    found = re.search(r'data-defaults="([^"]+)"', page)
+    assert found
+    defaults = json.loads(html.unescape(found[1]))
     assert defaults["gemini"] == {"upstream": "https://generativelanguage.googleapis.com",
                                   "test_model": "gemini-2.0-flash-lite"}  # fmt: skip
     assert defaults["anthropic"]["test_model"] == "claude-3-haiku-20240307"
