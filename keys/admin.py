@@ -40,6 +40,7 @@ from keys.widgets import JsonRowsWidget, ProxyKeysWidget
 from settings_app import registry
 from settings_app.models import SystemSetting
 
+REASON_WIDTH = 60  # characters of a key's last error shown in the key list
 STATUS_LABELS = {KeyStatus.ACTIVE: "success", KeyStatus.COOLING: "warning",
                  KeyStatus.INVALID: "danger", KeyStatus.DISABLED: "info"}  # fmt: skip
 TEST_LIMIT = 20  # keys tested at once from the console (a live call each)
@@ -387,8 +388,8 @@ class ImportForm(forms.Form):
 
 @admin.register(APIKey)
 class APIKeyAdmin(ModelAdmin):
-    list_display = ["key_shown", "group", "status_shown", "cooling_until", "request_count",
-                    "failure_count", "last_used_at", "notes"]  # fmt: skip
+    list_display = ["key_shown", "group", "status_shown", "reason_shown", "cooling_until",
+                    "request_count", "failure_count", "last_used_at", "notes"]  # fmt: skip
     list_filter = [("group", RelatedDropdownFilter), ("status", ChoicesRadioFilter)]
     list_filter_submit = True
     list_select_related = ["group"]
@@ -443,15 +444,24 @@ class APIKeyAdmin(ModelAdmin):
     def key_shown(self, key: APIKey) -> str:
         url = reverse("admin:keys_apikey_reveal", args=[key.pk])
         return format_html(
-            '<span class="font-mono">{}</span> <button type="button" '
-            'class="material-symbols-outlined text-sm text-primary-600 align-middle" title="{}" '
-            'data-reveal="{}" onclick="gptloadReveal(this)">visibility</button>',
+            '<span class="whitespace-nowrap"><span class="font-mono">{}</span> <button '
+            'type="button" class="material-symbols-outlined text-sm text-primary-600 align-middle" '
+            'title="{}" data-reveal="{}" onclick="gptloadReveal(this)">visibility</button></span>',
             key.masked, _("Reveal and copy"), url,
         )  # fmt: skip
 
     @display(description=_("State"), ordering="status", label=STATUS_LABELS)
     def status_shown(self, key: APIKey) -> str:
         return key.status
+
+    @display(description=_("Why"))
+    def reason_shown(self, key: APIKey) -> str:
+        """The last error (upstream text, the key already masked in it), cut to fit a row."""
+        error = key.last_error.strip()
+        if not error:
+            return "-"
+        short = error if len(error) <= REASON_WIDTH else error[: REASON_WIDTH - 1] + "…"
+        return format_html('<span class="text-xs" title="{}">{}</span>', error, short)
 
     @action(description=_("Validate the selected keys (a job per group)"))
     def validate_selected(self, request: HttpRequest, queryset: QuerySet[APIKey]) -> None:

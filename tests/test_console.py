@@ -214,6 +214,18 @@ def test_a_key_is_revealed_only_on_request_and_only_to_who_may_change_keys(opera
     assert viewer.post(f"/admin/keys/apikey/{key.pk}/reveal/").status_code == 403
 
 
+def test_the_key_list_says_why_a_key_is_benched_escaped_and_cut_to_fit(operator, group):
+    reason = "401 Incorrect API key provided: sk-u…ijkl <script>x</script> " + "padding " * 20
+    APIKey.objects.update(status=KeyStatus.INVALID, last_error=reason)
+    page = operator.get("/admin/keys/apikey/").content.decode()
+    assert "401 Incorrect API key provided: sk-u…ijkl &lt;script&gt;" in page
+    assert "<script>x</script>" not in page
+    shown = re.search(r'<span class="text-xs" title="[^"]*">([^<]*)</span>', page)
+    assert shown
+    assert len(html.unescape(shown[1])) == 60
+    assert shown[1].endswith("…")
+
+
 def test_a_whole_key_finds_its_row_in_any_group(operator, group):
     other = Group.objects.create(name="other", channel_type="openai", test_model="m",
                                  upstreams=[{"url": "https://x.example", "weight": 1}])  # fmt: skip
