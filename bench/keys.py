@@ -9,18 +9,24 @@ creates and drops, with --database-dsn), Redis off, it measures against issue 4'
   key search) at 100,000 keys, 20 requests each                  p95 < 200 ms
   POST /api/keys/clear-all-invalid of 50,000 invalid keys         one call, all gone
 
+and issue 10's: the console's pages (dashboard, groups, the key list and the request log
+list with its filters, a log row) at 100,000 keys in a group and 10,000,000 request log
+rows (made by bench/seed_logs.py), signed in with the AUTH_KEY       p95 < 300 ms
+
 The API runs under its production server (`manage.py serve`, one uvicorn worker) beside
 one Celery worker (`celery -A gptload worker --pool=solo`) on the embedded filesystem
 broker, as `make run` does without Redis.
 
   python bench/keys.py                                          SQLite, 100,000 keys
-  python bench/keys.py --keys 10000                             a quick smoke run
+  python bench/keys.py --keys 10000 --logs 100000              a quick smoke run
   python bench/keys.py --database-dsn mysql://root@127.0.0.1:3306/gptload_bench
 """
 
 from __future__ import annotations
 
 import argparse
+import html
+import http.cookiejar
 import json
 import math
 import os
@@ -40,7 +46,7 @@ import urllib.parse
 import urllib.request
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +128,7 @@ class Targets:
     page_p95_ms: float = 200.0
     # One call must also finish before a reverse proxy gives up on it (nginx: 60 s).
     clear_s: float = 60.0
+    console_p95_ms: float = 300.0
 
 
 # --- the key file --------------------------------------------------------------------------
@@ -409,6 +416,8 @@ class Results:
     api_import: dict[str, Any] = field(default_factory=dict)
     paging: dict[str, dict[str, Any]] = field(default_factory=dict)
     clear_invalid: dict[str, Any] = field(default_factory=dict)
+    log_seed: dict[str, Any] = field(default_factory=dict)
+    console: dict[str, dict[str, Any]] = field(default_factory=dict)
     settle_s: float = 0.0  # waited after the API import, until the server was idle
     # VmRSS / VmHWM (peak so far) of the server and the worker after each step, in MiB.
     memory_mib: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -598,6 +607,125 @@ def paging(world: World, api: Api, requests: int, targets: Targets) -> dict[str,
     return out
 
 
+# --- the console ------------------------------------------------------------------------------
+
+
+class Console:
+    """A browser's requests to the console: signed in with the AUTH_KEY, cookies kept."""
+
+    def __init__(self, url: str, auth_key: str, log: Path) -> None:
+        self.url, self.log = url, log
+        self.opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())
+        )
+        page = self.get("/admin/login/")[1]
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page)
+        if not token:
+            die(f"the console's sign-in page has no CSRF token:\n{page[:300]}")
+        form = urllib.parse.urlencode({"csrfmiddlewaretoken": token.group(1), "username": "",
+                                       "password": auth_key, "next": "/admin/"}).encode()  # fmt: skip
+        status, page, _ = self.get("/admin/login/", form)
+        if status != 200 or 'id="dashboard"' not in page:
+            die(f"signing in to the console with the AUTH_KEY failed ({status})\n{tail(log)}")
+
+    def get(self, path: str, form: bytes | None = None) -> tuple[int, str, float]:
+        """(status, page, milliseconds to its last byte); redirects followed."""
+        request = urllib.request.Request(self.url + path, data=form)  # noqa: S310 - loopback
+        started = time.perf_counter()
+        try:
+            with self.opener.open(request, timeout=120) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read()
+        return status, raw.decode(errors="replace"), (time.perf_counter() - started) * 1000
+
+
+def seed_logs(world: World, rows: int) -> dict[str, Any]:
+    """`rows` request log rows over the last 7 days, naming 1,000 of the command group's
+    keys, and their hourly rollups (bench/seed_logs.py; not timed against a target)."""
+    say(f"seeding {rows:,} request log rows and their hourly rollups (bench/seed_logs.py)...")
+    groups = [f"{world.groups[name]}:{name}" for name in (COMMAND_GROUP, API_GROUP)]
+    # As a module: run as a script, bench/ would come first on the path, and bench/keys.py
+    # would hide the project's `keys` app.
+    command = [sys.executable, "-m", "bench.seed_logs", "--rows", str(rows),
+               "--keys-file", str(world.key_file), *(f"--group={g}" for g in groups)]  # fmt: skip
+    started = time.perf_counter()
+    out = subprocess.run(command, env=world.env, cwd=world.tmp, capture_output=True, text=True,
+                         check=False)  # fmt: skip
+    if out.returncode != 0:
+        die(f"seed_logs.py failed ({out.returncode}):\n{out.stdout}{out.stderr[-3000:]}")
+    seeded = json.loads(out.stdout.strip().splitlines()[-1])
+    say(f"  {seeded['rows']:,} rows, {seeded['hourly_rows']:,} hourly rollups in "
+        f"{time.perf_counter() - started:.0f} s")  # fmt: skip
+    return seeded
+
+
+def console_pages(
+    world: World, api: Api, requests: int, targets: Targets
+) -> dict[str, dict[str, Any]]:
+    """The console's pages an operator opens all day, each checked once, then timed."""
+    console = Console(api.url, world.env["AUTH_KEY"], api.log)
+    group_id = world.groups[COMMAND_GROUP]
+    keys = world.keys[:1000]  # the keys the seeded log rows name
+    step = max(1, len(keys) // requests)
+    wanted = [keys[(i * step) % len(keys)] for i in range(requests)]
+    found = [world.keys[(i * 7919) % len(world.keys)] for i in range(requests)]
+    two_days_ago = datetime.now() - timedelta(days=2)
+    hour = {"timestamp_from_0": two_days_ago.strftime("%Y-%m-%d"), "timestamp_from_1": "10:00:00",
+            "timestamp_to_0": two_days_ago.strftime("%Y-%m-%d"), "timestamp_to_1": "11:00:00"}  # fmt: skip
+    first = console.get("/admin/logs/requestlog/")[1]
+    row_ids = re.findall(r"/admin/logs/requestlog/([0-9a-f-]{32,36})/change/", first)
+    if not row_ids:
+        die("the log list shows no rows after seeding")
+    keys_url, logs_url = (
+        f"/admin/keys/apikey/?group__id__exact={group_id}",
+        "/admin/logs/requestlog/",
+    )
+    q = urllib.parse.urlencode
+    deep = max(1, min(1000, len(world.keys) // 50 // 2))  # a page well inside the group (50 a page)
+    scenarios: list[tuple[str, list[str], str]] = [
+        ("dashboard, 24 h", ["/admin/"], 'id="dashboard"'),
+        ("dashboard, 30 d, one group", [f"/admin/?span=30d&group={group_id}"], 'id="dashboard"'),
+        ("group list", ["/admin/keys/group/"], COMMAND_GROUP),
+        (f"key list, {len(world.keys):,}-key group, page 1", [keys_url], 'id="result_list"'),
+        (f"key list, page {deep:,}", [keys_url + f"&p={deep}"], 'id="result_list"'),
+        ("key list, whole-key search", ["/admin/keys/apikey/?" + q({"q": k}) for k in found],
+         'id="result_list"'),
+        ("log list, page 1", [logs_url], 'id="result_list"'),
+        ("log list, page 200", [logs_url + "?p=200"], 'id="result_list"'),
+        ("log list, one group", [logs_url + "?" + q({"group": group_id})], 'id="result_list"'),
+        ("log list, status 429", [logs_url + "?status=429"], 'id="result_list"'),
+        ("log list, one key", [logs_url + "?" + q({"key": k}) for k in wanted], 'id="result_list"'),
+        ("log list, one hour 2 days ago", [logs_url + "?" + q(hour)], 'id="result_list"'),
+        ("log list, error text", [logs_url + "?" + q({"error": "broke off"})], 'id="result_list"'),
+        ("log row page", [f"{logs_url}{row}/change/" for row in row_ids], "/proxy/"),
+    ]  # fmt: skip
+    out: dict[str, dict[str, Any]] = {}
+    for name, paths, expected in scenarios:
+        status, page, _ = console.get(paths[0])
+        if status != 200 or expected not in page:
+            die(f"console {paths[0]} answered {status} without {expected!r}: "
+                f"{html.unescape(re.sub(r'<[^>]+>', ' ', page))[:300]}\n{tail(api.log)}")  # fmt: skip
+        timings: list[float] = []
+        with Phase(world) as phase:
+            for i in range(requests):
+                status, _, ms = console.get(paths[i % len(paths)])
+                if status != 200:
+                    die(f"console {paths[i % len(paths)]} answered {status}\n{tail(api.log)}")
+                timings.append(ms)
+        out[name] = {
+            "p50_ms": round(statistics.median(timings), 2),
+            "p95_ms": round(percentile(timings, 0.95), 2),
+            "max_ms": round(max(timings), 2),
+            "requests": requests,
+            "samples_ms": [round(t, 2) for t in timings],
+            "other_cpu_cores": phase.other_cores(),
+            "target_p95_ms": targets.console_p95_ms,
+        }
+        say(f"  {name}: p50 {out[name]['p50_ms']:.1f} ms, p95 {out[name]['p95_ms']:.1f} ms")
+    return out
+
+
 def clear_invalid(world: World, api: Api, targets: Targets) -> dict[str, Any]:
     """Every other key of the command group marked invalid (not timed), then one
     POST /api/keys/clear-all-invalid, timed, and the counts checked."""
@@ -647,6 +775,13 @@ def measure(
     say(f"GET /api/keys at {len(world.keys):,} keys, {args.requests} requests per scenario...")
     results.paging = paging(world, api, args.requests, targets)
     results.sample_memory("list", world)
+    if args.logs:
+        results.log_seed = seed_logs(world, args.logs)
+        wait_idle(world.server_pid)
+        say(f"the console at {len(world.keys):,} keys and {args.logs:,} log rows, "
+            f"{args.requests} requests per page...")  # fmt: skip
+        results.console = console_pages(world, api, args.requests, targets)
+        results.sample_memory("console", world)
     results.clear_invalid = clear_invalid(world, api, targets)
     results.sample_memory("clear-all-invalid", world)
     return results
@@ -690,6 +825,11 @@ def build_rows(results: Results, targets: Targets, keys: int) -> list[Row]:
         f"1 call, all gone, < {targets.clear_s:.0f}",
         verdict(clear["ok"] and clear["seconds"] < targets.clear_s),
     ))  # fmt: skip
+    for name, page in results.console.items():
+        rows.append(Row(
+            f"console: {name}, p50 / p95 (ms)", f"{page['p50_ms']:.1f} / {page['p95_ms']:.1f}",
+            f"p95 < {targets.console_p95_ms:.0f}", verdict(page["p95_ms"] < targets.console_p95_ms),
+        ))  # fmt: skip
     memory = results.memory_mib["clear-all-invalid"]
     rows.append(Row("server / worker peak RSS (MiB)",
                     f"{memory['server_vmhwm']:.1f} / {memory['worker_vmhwm']:.1f}", "", ""))  # fmt: skip
@@ -711,7 +851,8 @@ def print_table(rows: list[Row]) -> None:
 def other_cpu(results: Results) -> list[tuple[str, float]]:
     phases = [("import_keys", results.command_import), ("add-async", results.api_import),
               ("clear-all-invalid", results.clear_invalid),
-              *((f"list {name}", page) for name, page in results.paging.items())]  # fmt: skip
+              *((f"list {name}", page) for name, page in results.paging.items()),
+              *((f"console {name}", page) for name, page in results.console.items())]  # fmt: skip
     return [(name, float(phase["other_cpu_cores"])) for name, phase in phases]
 
 
@@ -737,6 +878,7 @@ def environment(world: World, args: argparse.Namespace) -> dict[str, Any]:
         "database": world.database.version,
         "encrypted": args.encrypt,
         "keys": args.keys,
+        "log_rows": args.logs,
         "key_file_bytes": world.key_file.stat().st_size,
         "web_workers": 1,
         "celery_worker": "--pool=solo, filesystem broker",
@@ -760,6 +902,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=20,
         help="timed requests per GET /api/keys scenario (default %(default)s)",
+    )
+    parser.add_argument(
+        "--logs",
+        type=int,
+        default=10_000_000,
+        help="request log rows seeded for the console's pages (default %(default)s; 0: "
+        "leave the console out)",
     )
     parser.add_argument(
         "--database-dsn",

@@ -10,10 +10,11 @@ from itertools import islice
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.contrib import admin
-from django.db.models import Q, QuerySet
+from django.contrib import admin, messages
+from django.db.models import QuerySet
 from django.http import HttpRequest, StreamingHttpResponse
 from django.http.response import HttpResponseBase
+from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 from unfold.admin import ModelAdmin
@@ -25,11 +26,12 @@ from unfold.contrib.filters.admin import (
     TextFilter,
 )
 from unfold.decorators import action, display
+from unfold.utils import parse_datetime_str
 
 from gptload.lib.crypto import DecryptionError, current_cipher
 from gptload.lib.paging import InfinitePaginator
 from gptload.lib.secrets import mask
-from keys.models import Group
+from keys.models import Group, GroupType
 from logs.models import HourlyStat, RequestLog
 
 EXPORT_LIMIT = 100_000  # rows in one CSV export
@@ -61,7 +63,31 @@ class GroupFilter(DropdownFilter):
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
         if not (value := self.value()) or not value.isdigit():
             return queryset
-        return queryset.filter(Q(group_id=int(value)) | Q(parent_group_id=int(value)))
+        # An aggregate's calls name it as their parent, a standard group's as their group:
+        # one column, so that its (column, timestamp) index serves the newest-first page
+        # (an OR of both would read every row of a 10 M-row table).
+        if Group.objects.filter(pk=int(value), group_type=GroupType.AGGREGATE).exists():
+            return queryset.filter(parent_group_id=int(value))
+        return queryset.filter(group_id=int(value))
+
+
+class TimeRangeFilter(RangeDateTimeFilter):
+    """From and to, each a date with an optional time, in the console's time zone."""
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any] | None:
+        bounds = {}
+        for end, lookup, default in (("from", "gte", "00:00:00"), ("to", "lte", "23:59:59")):
+            day = self.used_parameters.get(f"{self.parameter_name}_{end}_0")
+            if not day:
+                continue
+            clock = self.used_parameters.get(f"{self.parameter_name}_{end}_1") or default
+            moment = parse_datetime_str(f"{day} {clock}")
+            if moment is None:
+                messages.error(request, _("Not a date and time: %(value)s") % {
+                    "value": f"{day} {clock}"})  # fmt: skip
+                return queryset.none()
+            bounds[f"{self.parameter_name}__{lookup}"] = timezone.make_aware(moment)
+        return queryset.filter(**bounds)
 
 
 class ExactTextFilter(TextFilter):
@@ -111,10 +137,11 @@ class RequestLogAdmin(ReadOnlyAdmin):
     list_filter = [
         GroupFilter, ModelFilter, StatusFilter, ("is_success", BooleanRadioFilter),
         ("request_type", ChoicesRadioFilter), ("is_stream", BooleanRadioFilter),
-        ("timestamp", RangeDateTimeFilter), KeyFilter, ErrorFilter,
+        ("timestamp", TimeRangeFilter), KeyFilter, ErrorFilter,
     ]  # fmt: skip
     list_filter_submit = True
     list_fullwidth = True
+    list_per_page = 50  # a page's rendering, not the database, is most of its time
     search_fields = ()
     ordering = ["-timestamp"]
     exclude = ["key_value", "key_hash"]
@@ -199,6 +226,6 @@ def shown_key(stored: str) -> str:
 @admin.register(HourlyStat)
 class HourlyStatAdmin(ReadOnlyAdmin):
     list_display = ["time", "group_id", "model", "success_count", "failure_count", "total_tokens"]
-    list_filter = [("time", RangeDateTimeFilter)]
+    list_filter = [("time", TimeRangeFilter)]
     list_filter_submit = True
     ordering = ["-time"]

@@ -352,9 +352,39 @@ def logs(group):
      ({"error": "BOOM"}, {500}), ({"is_success__exact": "1"}, {200})],
 )  # fmt: skip
 def test_the_log_list_filters_on_every_column(operator, logs, query, expected):
-    page = operator.get("/admin/logs/requestlog/", query).content.decode()
-    shown = re.findall(r'data-label="Status">\s*<span[^>]*>\s*(\d{3})\s*</span>', page)
-    assert {int(status) for status in shown} == expected
+    assert statuses_shown(operator, query) == expected
+
+
+def statuses_shown(client, query):
+    page = client.get("/admin/logs/requestlog/", query).content.decode()
+    return {int(status) for status in
+            re.findall(r'data-label="Status">\s*<span[^>]*>\s*(\d{3})\s*</span>', page)}  # fmt: skip
+
+
+def test_the_log_list_filters_on_a_time_range_in_the_consoles_time_zone(operator, logs, settings):
+    now = datetime.now(UTC)
+    day = (now - timedelta(days=2)).strftime("%Y-%m-%d")
+    assert statuses_shown(operator, {"timestamp_from_0": day, "timestamp_to_0": day}) == {500}
+    # "From 2 hours ago" typed as a wall-clock time: in UTC it lets in only the newest row; read
+    # in Tokyo (UTC+9) the same digits mean 11 hours ago, and the 3-hour-old row comes in too.
+    since = now - timedelta(hours=2)
+    typed = {"timestamp_from_0": since.strftime("%Y-%m-%d"),
+             "timestamp_from_1": since.strftime("%H:%M:%S")}  # fmt: skip
+    assert statuses_shown(operator, typed) == {200}
+    settings.TIME_ZONE = "Asia/Tokyo"
+    assert statuses_shown(operator, typed) == {200, 429}
+    page = operator.get("/admin/logs/requestlog/", {"timestamp_from_0": "yesterday"})
+    assert page.status_code == 200
+    assert "Not a date and time" in page.content.decode()
+
+
+def test_the_group_filter_finds_a_members_calls_and_an_aggregates_own(operator, logs, group):
+    aggregate = Group.objects.create(name="all", channel_type="openai", group_type="aggregate")
+    RequestLog.objects.create(timestamp=datetime.now(UTC), group_id=group.pk, group_name="main",
+                              parent_group_id=aggregate.pk, parent_group_name="all",
+                              status_code=418, is_success=False)  # fmt: skip
+    assert statuses_shown(operator, {"group": group.pk}) == {200, 429, 500, 418}
+    assert statuses_shown(operator, {"group": aggregate.pk}) == {418}
 
 
 def test_logs_are_exported_as_csv_with_the_filters_and_keys_masked(operator, logs):
