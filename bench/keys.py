@@ -556,6 +556,25 @@ def percentile(samples: list[float], share: float) -> float:
     return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
 
 
+def summary(
+    name: str, timings: list[float], phase: Phase, target_ms: float, **extra: Any
+) -> dict[str, Any]:
+    """One timed scenario's figures (printed as they come), its samples and its target."""
+    out = {
+        "p50_ms": round(statistics.median(timings), 2),
+        "p95_ms": round(percentile(timings, 0.95), 2),
+        "max_ms": round(max(timings), 2),
+        "mean_ms": round(statistics.fmean(timings), 2),
+        "requests": len(timings),
+        **extra,
+        "samples_ms": [round(t, 2) for t in timings],
+        "other_cpu_cores": phase.other_cores(),
+        "target_p95_ms": target_ms,
+    }
+    say(f"  {name}: p50 {out['p50_ms']:.1f} ms, p95 {out['p95_ms']:.1f} ms")
+    return out
+
+
 def paging(world: World, api: Api, requests: int, targets: Targets) -> dict[str, dict[str, Any]]:
     """GET /api/keys scenarios, each checked once (not timed), then timed `requests` times."""
     group_id, total = world.groups[COMMAND_GROUP], len(world.keys)
@@ -592,18 +611,7 @@ def paging(world: World, api: Api, requests: int, targets: Targets) -> dict[str,
                 if status != 200 or not answer["data"]["items"]:
                     die(f"GET /api/keys {query} answered {status}: {str(answer)[:300]}")
                 timings.append(ms)
-        out[name] = {
-            "p50_ms": round(statistics.median(timings), 2),
-            "p95_ms": round(percentile(timings, 0.95), 2),
-            "max_ms": round(max(timings), 2),
-            "mean_ms": round(statistics.fmean(timings), 2),
-            "requests": requests,
-            "items": expected,
-            "samples_ms": [round(t, 2) for t in timings],
-            "other_cpu_cores": phase.other_cores(),
-            "target_p95_ms": targets.page_p95_ms,
-        }
-        say(f"  {name}: p50 {out[name]['p50_ms']:.1f} ms, p95 {out[name]['p95_ms']:.1f} ms")
+        out[name] = summary(name, timings, phase, targets.page_p95_ms, items=expected)
     return out
 
 
@@ -713,16 +721,7 @@ def console_pages(
                 if status != 200:
                     die(f"console {paths[i % len(paths)]} answered {status}\n{tail(api.log)}")
                 timings.append(ms)
-        out[name] = {
-            "p50_ms": round(statistics.median(timings), 2),
-            "p95_ms": round(percentile(timings, 0.95), 2),
-            "max_ms": round(max(timings), 2),
-            "requests": requests,
-            "samples_ms": [round(t, 2) for t in timings],
-            "other_cpu_cores": phase.other_cores(),
-            "target_p95_ms": targets.console_p95_ms,
-        }
-        say(f"  {name}: p50 {out[name]['p50_ms']:.1f} ms, p95 {out[name]['p95_ms']:.1f} ms")
+        out[name] = summary(name, timings, phase, targets.console_p95_ms)
     return out
 
 

@@ -295,11 +295,22 @@ class GroupAdmin(ModelAdmin):
 
     # -- a group's key operations (buttons on its page) --
 
-    @action(description=_("Import keys"), icon="upload", url_path="import-keys")
-    def import_keys(self, request: HttpRequest, object_id: str) -> HttpResponse:
+    def changeable(self, request: HttpRequest, object_id: str) -> Group:
+        """The group of a key operation, if the operator may change it (its keys)."""
         group = get_object_or_404(Group, pk=object_id)
         if not self.has_change_permission(request, group):
             raise PermissionDenied
+        return group
+
+    def page(self, request: HttpRequest, template: str, group: Group, title: str,
+             **context: Any) -> TemplateResponse:  # fmt: skip
+        return TemplateResponse(request, template, {
+            **self.admin_site.each_context(request), "group": group, "title": title,
+            "opts": self.model._meta, **context})  # fmt: skip
+
+    @action(description=_("Import keys"), icon="upload", url_path="import-keys")
+    def import_keys(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        group = self.changeable(request, object_id)
         form = ImportForm(request.POST or None, request.FILES or None)
         if request.method == "POST" and form.is_valid():
             try:
@@ -308,37 +319,29 @@ class GroupAdmin(ModelAdmin):
                 form.add_error(None, str(exc))
             else:
                 return HttpResponseRedirect(reverse("admin:keys_keyjob_change", args=[job.pk]))
-        context = {**self.admin_site.each_context(request), "form": form, "group": group,
-                   "title": _("Import keys into %(group)s") % {"group": group.name},
-                   "opts": self.model._meta}  # fmt: skip
-        return TemplateResponse(request, "admin/keys/import_keys.html", context)
+        title = _("Import keys into %(group)s") % {"group": group.name}
+        return self.page(request, "admin/keys/import_keys.html", group, title, form=form)
 
     @action(description=_("Validate invalid keys"), icon="verified", url_path="validate-invalid")
     def validate_invalid(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        group = get_object_or_404(Group, pk=object_id)
+        group = self.changeable(request, object_id)
         return start_job(self, request, group, JobKind.VALIDATE,
                          params={"statuses": [KeyStatus.INVALID]})  # fmt: skip
 
     @action(description=_("Delete invalid keys"), icon="delete_sweep", url_path="clear-invalid")
     def clear_invalid(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        group = get_object_or_404(Group, pk=object_id)
-        if not self.has_change_permission(request, group):
-            raise PermissionDenied
+        group = self.changeable(request, object_id)
         if request.method == "POST":
             deleted = services.clear_keys(group, KeyStatus.INVALID)
             self.message_user(request, _("%(count)d invalid keys deleted.") % {"count": deleted})
             return HttpResponseRedirect(reverse("admin:keys_group_change", args=[group.pk]))
         invalid = APIKey.objects.filter(group=group, status=KeyStatus.INVALID).count()
-        context = {**self.admin_site.each_context(request), "group": group, "count": invalid,
-                   "title": _("Delete the invalid keys of %(group)s?") % {"group": group.name},
-                   "opts": self.model._meta}  # fmt: skip
-        return TemplateResponse(request, "admin/keys/confirm_clear.html", context)
+        title = _("Delete the invalid keys of %(group)s?") % {"group": group.name}
+        return self.page(request, "admin/keys/confirm_clear.html", group, title, count=invalid)
 
     @action(description=_("Export keys"), icon="download", url_path="export-keys")
     def export_keys(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        group = get_object_or_404(Group, pk=object_id)
-        if not self.has_change_permission(request, group):
-            raise PermissionDenied  # the export is the keys in plaintext
+        group = self.changeable(request, object_id)  # the export is the keys in plaintext
         status = request.GET.get("status", "all")
         services.status_filter(status)  # refuses an unknown status
         text = "".join(batch.text for batch in services.export_keys(group.pk, status))
@@ -350,8 +353,6 @@ class GroupAdmin(ModelAdmin):
 def start_job(model_admin: ModelAdmin, request: HttpRequest, group: Group, kind: JobKind,
               **options: Any) -> HttpResponse:  # fmt: skip
     """Starts a job for `group` and shows its progress (or says why it did not start)."""
-    if not model_admin.has_change_permission(request, group):
-        raise PermissionDenied
     try:
         job = jobs.start(group, kind, **options)
     except (
