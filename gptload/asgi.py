@@ -25,14 +25,37 @@ from proxy.handler import ProxyHandler  # noqa: E402
 proxy_application = ProxyHandler()
 
 
+from urllib.parse import urlsplit  # noqa: E402
+
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from channels.security.websocket import WebsocketDenier  # noqa: E402
+from django.conf import settings  # noqa: E402
 from django.urls import path  # noqa: E402
 
 from logs.consumers import DashboardConsumer  # noqa: E402
 
-websockets = AllowedHostsOriginValidator(
+
+class SameOrigin:
+    """WebSocket handshakes from the console's own pages only: the `Origin` must name the
+    host the request came to (or be one of `CSRF_TRUSTED_ORIGINS`, behind a proxy that
+    rewrites `Host`). `ALLOWED_HOSTS` is `*` for the proxy's sake, so channels' own
+    validator would let any site's page open a signed-in operator's socket."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        headers = dict(scope.get("headers") or [])
+        origin = headers.get(b"origin", b"").decode("latin-1").lower()
+        host = headers.get(b"host", b"").decode("latin-1").lower()
+        trusted = {o.lower() for o in settings.CSRF_TRUSTED_ORIGINS}
+        if origin and (urlsplit(origin).netloc == host or origin in trusted):
+            return await self.app(scope, receive, send)
+        return await WebsocketDenier()(scope, receive, send)
+
+
+websockets = SameOrigin(
     AuthMiddlewareStack(URLRouter([path("ws/dashboard/", DashboardConsumer.as_asgi())]))
 )
 router = ProtocolTypeRouter(

@@ -487,3 +487,29 @@ async def test_the_live_dashboard_socket_serves_staff_only(operator):
     message = await staff.receive_json_from(timeout=10)
     assert {"cards", "keys", "hour", "tokens_today"} <= set(message)
     await staff.disconnect()
+    # The same session from another site's page, or with no Origin at all: refused.
+    for origin in (
+        [(b"origin", b"https://evil.example")],
+        [(b"origin", b"http://testserver.evil")],
+        [],
+    ):
+        stranger = WebsocketCommunicator(application, "/ws/dashboard/", headers=[
+            *origin, (b"host", b"testserver"), (b"cookie", f"sessionid={session}".encode())])  # fmt: skip
+        connected, _ = await stranger.connect()
+        assert not connected, origin
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_dashboard_socket_takes_a_trusted_origin_behind_a_proxy(operator, settings):
+    from channels.testing import WebsocketCommunicator
+
+    from gptload.asgi import application
+
+    settings.CSRF_TRUSTED_ORIGINS = ["https://gw.example.com"]
+    session = operator.cookies["sessionid"].value
+    proxied = WebsocketCommunicator(application, "/ws/dashboard/", headers=[
+        (b"origin", b"https://gw.example.com"), (b"host", b"127.0.0.1:3001"),
+        (b"cookie", f"sessionid={session}".encode())])  # fmt: skip
+    connected, _ = await proxied.connect()
+    assert connected
+    await proxied.disconnect()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import sys
@@ -92,6 +93,43 @@ def test_daphne_serves_the_same_application(serve):
     server.wait_ready()
     assert httpx.get(server.url + "/health").json()["status"] == "healthy"
     assert httpx.get(server.url + "/admin/login/").status_code == 200
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "daphne"])
+def test_the_live_dashboard_socket_is_served_by_uvicorn_and_daphne_to_staff_only(
+    serve, store_env, server
+):
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    port = free_port()
+    daphne = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+              "gptload.asgi:application"]  # fmt: skip
+    running = serve(*(daphne if server == "daphne" else []), port=port)
+    running.wait_ready()
+    socket_url = f"ws://127.0.0.1:{port}/ws/dashboard/"
+    origin = {"Origin": running.url}
+    with httpx.Client(base_url=running.url) as browser:
+        page = browser.get("/admin/login/").text
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page)
+        assert token
+        signed_in = browser.post("/admin/login/", data={
+            "csrfmiddlewaretoken": token[1], "username": "", "password": store_env["AUTH_KEY"]})  # fmt: skip
+        assert signed_in.status_code == 302
+        cookie = "; ".join(f"{name}={value}" for name, value in browser.cookies.items())
+    with connect(
+        socket_url, additional_headers={**origin, "Cookie": cookie}, open_timeout=10
+    ) as ws:
+        figures = json.loads(ws.recv(timeout=10))
+    assert set(figures) == {"cards", "keys", "tokens_today", "hour"}
+    assert "request_count" in figures["cards"]
+    # Without a staff session the handshake is refused.
+    with pytest.raises(InvalidStatus, match="403"):
+        connect(socket_url, additional_headers=origin, open_timeout=10)
+    # From another site's page (cross-site WebSocket hijacking), refused before anything.
+    with pytest.raises(InvalidStatus, match="403"):
+        connect(socket_url, additional_headers={"Origin": "https://evil.example", "Cookie": cookie},
+                open_timeout=10)  # fmt: skip
 
 
 def test_an_unreachable_database_stops_serve_with_one_line(store_env):
