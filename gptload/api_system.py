@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.http import HttpRequest
+from django.utils.translation import gettext as _
 from ninja import Field, Router, Schema
 from ninja.responses import Status
 
@@ -27,8 +28,8 @@ class LoginOut(Schema):
 def login(request: HttpRequest, payload: LoginIn) -> Status[dict[str, object]]:
     """Checks an admin key, as GPT-Load's login page does (no session is created)."""
     if is_admin_key(payload.auth_key):
-        return Status(200, {"success": True, "message": "Authentication successful"})
-    return Status(401, {"success": False, "message": "Authentication failed"})
+        return Status(200, {"success": True, "message": _("Authentication successful")})
+    return Status(401, {"success": False, "message": _("Authentication failed")})
 
 
 @router.get("/channel-types", response=Envelope[list[str]])
@@ -56,5 +57,5 @@ def integration_info(request: HttpRequest, key: str = "") -> dict[str, object]:
         if key and (everywhere or constant_time_in(key, tuple(g.proxy_key_list)))
     ]  # fmt: skip
     if not groups:
-        raise ApiError(400, "BAD_REQUEST", "Invalid or unauthorized proxy key")
+        raise ApiError(400, "BAD_REQUEST", _("Invalid or unauthorized proxy key"))
     return ok(groups)

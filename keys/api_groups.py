@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from django.db import transaction
 from django.http import HttpRequest
+from django.utils.translation import gettext as _
 from ninja import Field, Router, Schema
 from pydantic import ConfigDict
 
@@ -195,7 +196,7 @@ def group_out(group: Group, base_url: str) -> dict[str, Any]:
 def get_group(group_id: int) -> Group:
     group = Group.objects.filter(pk=group_id).first()
     if group is None:
-        raise not_found(f"group {group_id}")
+        raise not_found(_("group %(id)s not found") % {"id": group_id})
     return group
 
 
@@ -208,8 +209,8 @@ def apply_fields(group: Group, payload: GroupFields) -> None:
     }
     requested_type = sent.pop("group_type", group.group_type)
     if group.pk and requested_type != group.group_type:
-        raise ApiError(400, "VALIDATION_FAILED", "group_type: a group's type cannot change; "
-                       "create a new group of the other type instead.")  # fmt: skip
+        raise ApiError(400, "VALIDATION_FAILED", _("group_type: a group's type cannot change; "
+                       "create a new group of the other type instead."))  # fmt: skip
     group.group_type = requested_type
     if not str(sent.get("test_model", "x")).strip():
         sent.pop("test_model")  # GPT-Load: an empty test model on update means "unchanged"
@@ -227,8 +228,8 @@ def apply_fields(group: Group, payload: GroupFields) -> None:
 def save_group(group: Group) -> None:
     """Validates through the model and saves; a taken name is a 409 that names it."""
     if Group.objects.filter(name=group.name).exclude(pk=group.pk).exists():
-        raise ApiError(409, "DUPLICATE_RESOURCE", f"A group named {group.name!r} already exists; "
-                       "choose another name.")  # fmt: skip
+        raise ApiError(409, "DUPLICATE_RESOURCE", _("A group named %(name)s already exists; "
+                       "choose another name.") % {"name": repr(group.name)})  # fmt: skip
     group.full_clean()
     group.save()
 
@@ -255,8 +256,8 @@ def create_group(request: HttpRequest, payload: GroupCreateIn) -> dict[str, Any]
     group = Group(name=payload.name.strip(), channel_type=payload.channel_type)
     apply_fields(group, payload)
     if payload.sub_groups and not group.is_aggregate:
-        raise ApiError(400, "VALIDATION_FAILED", "sub_groups: only an aggregate group has "
-                       'members; send "group_type": "aggregate".')  # fmt: skip
+        raise ApiError(400, "VALIDATION_FAILED", _("sub_groups: only an aggregate group has "
+                       'members; send "group_type": "aggregate".'))  # fmt: skip
     with transaction.atomic():
         save_group(group)
         if payload.sub_groups:
@@ -282,7 +283,12 @@ def config_options(request: HttpRequest) -> dict[str, Any]:
     """The settings a group may override in `config`; `default_value` is the system value."""
     system = SystemSetting.objects.effective()
     options = [
-        {"key": s.key, "name": s.name, "description": s.description, "default_value": system[s.key]}
+        {
+            "key": s.key,
+            "name": _(s.name),
+            "description": _(s.description),
+            "default_value": system[s.key],
+        }
         for s in registry.SETTINGS
         if s.group_overridable
     ]

@@ -19,6 +19,7 @@ from django.core.handlers.asgi import ASGIRequest
 from django.db import transaction
 from django.http import HttpRequest, StreamingHttpResponse
 from django.utils import timezone
+from django.utils.translation import gettext as _
 from ninja import Field, Query, Router, Schema
 from ninja.errors import ValidationError
 from pydantic import ConfigDict
@@ -247,7 +248,7 @@ def add_multiple(request: HttpRequest, payload: KeysTextIn) -> dict[str, Any]:
     group = _group(payload.group_id)
     with _refusals():
         keys = services.parse_keys(payload.keys_text)
-        services.check_sync_limit(keys, "use /api/keys/add-async for more.")
+        services.check_sync_limit(keys, _("use /api/keys/add-async for more."))
         with transaction.atomic():  # all or nothing
             return ok(services.import_keys(group, keys))
 
@@ -281,7 +282,7 @@ def delete_multiple(request: HttpRequest, payload: KeysTextIn) -> dict[str, Any]
     group = _group(payload.group_id)
     with _refusals():
         keys = services.parse_keys(payload.keys_text)
-        services.check_sync_limit(keys, "use /api/keys/delete-async for more.")
+        services.check_sync_limit(keys, _("use /api/keys/delete-async for more."))
         with transaction.atomic():
             return ok(services.delete_keys(group, keys))
 
@@ -301,7 +302,7 @@ def restore_multiple(request: HttpRequest, payload: KeysTextIn) -> dict[str, Any
     group = _group(payload.group_id)
     with _refusals():
         keys = services.parse_keys(payload.keys_text)
-        services.check_sync_limit(keys, "send them in several calls or use restore-all-invalid.")
+        services.check_sync_limit(keys, _("send them in several calls or use restore-all-invalid."))
         with transaction.atomic():
             return ok(services.restore_keys(group, keys))
 
@@ -311,7 +312,8 @@ def restore_all_invalid(request: HttpRequest, payload: GroupIn) -> dict[str, Any
     """Makes every invalid key of the group active again."""
     group = _group(payload.group_id)
     restored = services.restore_all_invalid(group)
-    return ok({"message": f"{restored} keys restored", "restored_count": restored})
+    message = _("%(count)d keys restored") % {"count": restored}
+    return ok({"message": message, "restored_count": restored})
 
 
 @router.post("/clear-all-invalid", response=Envelope[ClearedOut])
@@ -319,7 +321,8 @@ def clear_all_invalid(request: HttpRequest, payload: GroupIn) -> dict[str, Any]:
     """Deletes every invalid key of the group."""
     group = _group(payload.group_id)
     deleted = services.clear_keys(group, KeyStatus.INVALID)
-    return ok({"message": f"{deleted} invalid keys cleared", "deleted_count": deleted})
+    message = _("%(count)d invalid keys cleared") % {"count": deleted}
+    return ok({"message": message, "deleted_count": deleted})
 
 
 @router.post("/clear-all", response=Envelope[ClearedOut])
@@ -327,7 +330,8 @@ def clear_all(request: HttpRequest, payload: GroupIn) -> dict[str, Any]:
     """Deletes every key of the group."""
     group = _group(payload.group_id)
     deleted = services.clear_keys(group, "all")
-    return ok({"message": f"{deleted} keys cleared", "deleted_count": deleted})
+    message = _("%(count)d keys cleared") % {"count": deleted}
+    return ok({"message": message, "deleted_count": deleted})
 
 
 @router.post("/validate-group", response=Envelope[TaskStatusOut], openapi_extra=NOT_QUEUED)
@@ -355,8 +359,11 @@ def test_multiple(request: HttpRequest, payload: KeysTextIn) -> dict[str, Any]:
         keys = list(dict.fromkeys(services.parse_keys(payload.keys_text)))
         if len(keys) > TEST_LIMIT:
             raise services.KeyTextError(
-                f"Test at most {TEST_LIMIT} keys at once ({len(keys)} sent); import them "
-                "and use /api/keys/validate-group for more."
+                _(
+                    "Test at most %(limit)d keys at once (%(count)d sent); import them "
+                    "and use /api/keys/validate-group for more."
+                )
+                % {"limit": TEST_LIMIT, "count": len(keys)}
             )
         started = time.monotonic()
         results = checker.test_keys(group, keys)
@@ -376,7 +383,7 @@ def set_notes(request: HttpRequest, key_id: int, payload: NotesIn) -> dict[str, 
     if not APIKey.objects.filter(pk=key_id).update(
         notes=payload.notes.strip(), updated_at=timezone.now()
     ):
-        raise not_found("key")
+        raise not_found(_("key not found"))
     return ok(_detail(_key(key_id)))
 
 
@@ -416,9 +423,10 @@ def cancel_task(request: HttpRequest, job_id: int) -> dict[str, Any]:
     its group for another job."""
     job = KeyJob.objects.select_related("group").filter(pk=job_id).first()
     if job is None:
-        raise not_found("job")
+        raise not_found(_("job not found"))
     if not job.is_running:
-        raise ApiError(409, "CONFLICT", f"job {job_id} has already finished ({job.status})")
+        message = _("job %(id)s has already finished (%(status)s)")
+        raise ApiError(409, "CONFLICT", message % {"id": job_id, "status": job.status})
     jobs.cancel(job)
     job.refresh_from_db()
     return ok(jobs.describe(job))
@@ -427,14 +435,14 @@ def cancel_task(request: HttpRequest, job_id: int) -> dict[str, Any]:
 def _group(group_id: int) -> Group:
     group = Group.objects.filter(pk=group_id).first()
     if group is None:
-        raise not_found("group")
+        raise not_found(_("group not found"))
     return group
 
 
 def _key(key_id: int) -> APIKey:
     key = APIKey.objects.select_related("group").filter(pk=key_id).first()
     if key is None:
-        raise not_found("key")
+        raise not_found(_("key not found"))
     return key
 
 
@@ -464,23 +472,28 @@ def _async_input(request: HttpRequest) -> tuple[int, str]:
     if request.content_type == "multipart/form-data":
         upload = request.FILES.get("file")
         if upload is None:
-            raise ApiError(400, "VALIDATION_FAILED", "file: attach the key file as `file`.")
+            raise ApiError(400, "VALIDATION_FAILED", _("file: attach the key file as `file`."))
         if upload.size is not None and upload.size > MAX_UPLOAD_BYTES:
-            raise ApiError(413, "PAYLOAD_TOO_LARGE", f"The file exceeds {MAX_UPLOAD_BYTES // 2**20} "
-                           "MiB: split it, or use `manage.py import_keys`.")  # fmt: skip
+            raise ApiError(413, "PAYLOAD_TOO_LARGE", _("The file exceeds %(size)d MiB: split it, "
+                           "or use `manage.py import_keys`.")
+                           % {"size": MAX_UPLOAD_BYTES // 2**20})  # fmt: skip
         try:
             text = upload.read().decode("utf-8-sig")
         except UnicodeDecodeError:
-            raise ApiError(400, "VALIDATION_FAILED", "file: the file is not UTF-8 text.") from None
+            raise ApiError(
+                400, "VALIDATION_FAILED", _("file: the file is not UTF-8 text.")
+            ) from None
         raw_group = request.POST.get("group_id", "")
         if not raw_group.strip().isdigit():
-            raise ApiError(400, "VALIDATION_FAILED", "group_id: send the group's id as a number.")
+            raise ApiError(
+                400, "VALIDATION_FAILED", _("group_id: send the group's id as a number.")
+            )
         return int(raw_group), text
     try:
         # A leading BOM, as some editors save JSON, is what the other endpoints accept too.
         payload = KeysTextIn.model_validate_json(request.body.removeprefix(codecs.BOM_UTF8))
     except PydanticValidationError as exc:
         if any(error["type"] == "json_invalid" for error in exc.errors()):
-            raise ApiError(400, "INVALID_JSON", "The request body is not valid JSON.") from None
+            raise ApiError(400, "INVALID_JSON", _("The request body is not valid JSON.")) from None
         raise ValidationError([dict(error) for error in exc.errors()]) from None
     return payload.group_id, payload.keys_text

@@ -16,6 +16,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Count, QuerySet
 from django.utils import timezone
+from django.utils.translation import gettext as _
 
 from gptload.lib.api import ApiError
 from keys.models import APIKey, Group, GroupSubGroup, KeyStatus
@@ -54,7 +55,10 @@ def copy_name(name: str) -> str:
         if candidate not in taken:
             return candidate
     raise GroupOperationError(
-        409, "DUPLICATE_RESOURCE", f"{name}_copy … {name}_copy_{MAX_COPY_SUFFIX} all exist."
+        409,
+        "DUPLICATE_RESOURCE",
+        _("%(name)s_copy … %(name)s_copy_%(max)d all exist.")
+        % {"name": name, "max": MAX_COPY_SUFFIX},
     )
 
 
@@ -67,7 +71,7 @@ def copy_group(source: Group, copy_keys: str = "all") -> Group:
     """
     if copy_keys not in COPY_KEYS_CHOICES:
         raise GroupOperationError(
-            400, "VALIDATION_FAILED", "copy_keys must be 'none', 'valid_only' or 'all'."
+            400, "VALIDATION_FAILED", _("copy_keys must be 'none', 'valid_only' or 'all'.")
         )
     with transaction.atomic():
         copy = Group.objects.get(pk=source.pk)
@@ -151,20 +155,26 @@ def reorder(items: Sequence[tuple[int, int]]) -> None:
     unknown group, and then changes nothing.
     """
     if not items:
-        raise GroupOperationError(400, "VALIDATION_FAILED", "items: give at least one group.")
+        raise GroupOperationError(400, "VALIDATION_FAILED", _("items: give at least one group."))
     if len(items) > BATCH:
         raise GroupOperationError(
-            400, "VALIDATION_FAILED", f"items: reorder at most {BATCH} groups at once."
+            400,
+            "VALIDATION_FAILED",
+            _("items: reorder at most %(max)d groups at once.") % {"max": BATCH},
         )
     seen: set[int] = set()
     for group_id, sort in items:
         if group_id in seen:
             raise GroupOperationError(
-                400, "VALIDATION_FAILED", f"items: group {group_id} is listed twice."
+                400,
+                "VALIDATION_FAILED",
+                _("items: group %(id)s is listed twice.") % {"id": group_id},
             )
         if sort < 0:
             raise GroupOperationError(
-                400, "VALIDATION_FAILED", f"items: sort of group {group_id} must be ≥ 0."
+                400,
+                "VALIDATION_FAILED",
+                _("items: sort of group %(id)s must be ≥ 0.") % {"id": group_id},
             )
         seen.add(group_id)
     with transaction.atomic():
@@ -173,7 +183,8 @@ def reorder(items: Sequence[tuple[int, int]]) -> None:
         )
         missing = sorted(seen - found)
         if missing:
-            raise GroupOperationError(404, "NOT_FOUND", f"group {missing[0]} not found")
+            message = _("group %(id)s not found") % {"id": missing[0]}
+            raise GroupOperationError(404, "NOT_FOUND", message)
         for group_id, sort in items:
             Group.objects.filter(id=group_id).update(sort=sort, updated_at=timezone.now())
             group_changed(group_id)
@@ -193,28 +204,36 @@ def add_members(aggregate: Group, members: Sequence[tuple[int, int]]) -> None:
     if not aggregate.is_aggregate:
         raise not_aggregate(aggregate)
     if not members:
-        raise GroupOperationError(400, "VALIDATION_FAILED", "sub_groups: give at least one group.")
+        raise GroupOperationError(
+            400, "VALIDATION_FAILED", _("sub_groups: give at least one group.")
+        )
     if len(members) > BATCH:
         raise GroupOperationError(
-            400, "VALIDATION_FAILED", f"sub_groups: add at most {BATCH} groups at once."
+            400,
+            "VALIDATION_FAILED",
+            _("sub_groups: add at most %(max)d groups at once.") % {"max": BATCH},
         )
-    ids = [group_id for group_id, _ in members]
+    ids = [group_id for group_id, _weight in members]
     repeated = [group_id for group_id, n in Counter(ids).items() if n > 1]
     if repeated:
         raise GroupOperationError(
-            400, "VALIDATION_FAILED", f"sub_groups: group {repeated[0]} is listed twice."
+            400,
+            "VALIDATION_FAILED",
+            _("sub_groups: group %(id)s is listed twice.") % {"id": repeated[0]},
         )
     groups = Group.objects.in_bulk(ids)
     with transaction.atomic():
         existing = set(aggregate.members.values_list("sub_group_id", flat=True))
         for group_id, weight in members:
             if group_id not in groups:
-                raise GroupOperationError(404, "NOT_FOUND", f"group {group_id} not found")
+                message = _("group %(id)s not found") % {"id": group_id}
+                raise GroupOperationError(404, "NOT_FOUND", message)
             if group_id in existing:
                 raise GroupOperationError(
                     409,
                     "DUPLICATE_RESOURCE",
-                    f"group {groups[group_id].name!r} is already a member of {aggregate.name!r}.",
+                    _("group %(member)s is already a member of %(aggregate)s.")
+                    % {"member": repr(groups[group_id].name), "aggregate": repr(aggregate.name)},
                 )
             member = GroupSubGroup(group=aggregate, sub_group=groups[group_id], weight=weight)
             try:
@@ -223,7 +242,8 @@ def add_members(aggregate: Group, members: Sequence[tuple[int, int]]) -> None:
                 raise GroupOperationError(
                     400,
                     "VALIDATION_FAILED",
-                    f"sub_groups: group {groups[group_id].name!r}: {' '.join(exc.messages)}",
+                    _("sub_groups: group %(name)s: %(problems)s")
+                    % {"name": repr(groups[group_id].name), "problems": " ".join(exc.messages)},
                 ) from None
             member.save()
 
@@ -237,13 +257,16 @@ def membership(aggregate: Group, sub_group_id: int) -> GroupSubGroup:
         raise GroupOperationError(
             404,
             "NOT_FOUND",
-            f"group {sub_group_id} is not a member of aggregate group {aggregate.name!r}",
+            _("group %(id)s is not a member of aggregate group %(aggregate)s")
+            % {"id": sub_group_id, "aggregate": repr(aggregate.name)},
         )
     return found
 
 
 def not_aggregate(group: Group) -> GroupOperationError:
-    message = f"group {group.name!r} is a standard group; only aggregate groups have members."
+    message = _("group %(name)s is a standard group; only aggregate groups have members.") % {
+        "name": repr(group.name)
+    }
     return GroupOperationError(400, "BAD_REQUEST", message)
 
 

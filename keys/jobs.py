@@ -7,6 +7,10 @@ enforced by a unique index), the progress (stored at most every `PROGRESS_INTERV
 by a heartbeat thread), and the outcome, so every node shows the same status and it
 survives restarts. A job whose heartbeat stops (its worker died) is marked failed when
 someone next looks, which frees its group.
+
+A refusal raised to a caller (`JobInProgress`, `JobNotQueued`) is in the caller's
+language; what is stored on the row (`error`) stays English, since every node and every
+operator, whatever their language, reads the same row.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from typing import Any
 from celery import current_app
 from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 
 from gptload.lib.crypto import DecryptionError, current_cipher
 from keys import checker, services
@@ -37,6 +43,9 @@ RUN_JOB_TASK = "keys.tasks.run_job"
 TASK_TYPES = {JobKind.IMPORT: "KEY_IMPORT", JobKind.DELETE: "KEY_DELETE",
               JobKind.VALIDATE: "KEY_VALIDATION"}  # fmt: skip
 VALIDATABLE = (KeyStatus.ACTIVE, KeyStatus.COOLING, KeyStatus.INVALID)
+# What a refusal calls a running job, in the caller's language.
+KIND_NAMES = {JobKind.IMPORT: gettext_lazy("import keys"), JobKind.DELETE: gettext_lazy("delete keys"),
+              JobKind.VALIDATE: gettext_lazy("validate keys")}  # fmt: skip
 
 
 class JobInProgress(Exception):
@@ -74,9 +83,12 @@ def create(
     limit = payload_limit()
     if limit is not None and len(payload) > limit:
         raise services.KeyTextError(
-            f"The key list takes {len(payload) / 2**20:.1f} MiB stored; the database takes "
-            f"{limit / 2**20:.1f} MiB at most in one statement (MySQL's max_allowed_packet). "
-            "Split it, raise max_allowed_packet, or import it with `manage.py import_keys`."
+            _(
+                "The key list takes %(size).1f MiB stored; the database takes %(limit).1f MiB "
+                "at most in one statement (MySQL's max_allowed_packet). Split it, raise "
+                "max_allowed_packet, or import it with `manage.py import_keys`."
+            )
+            % {"size": len(payload) / 2**20, "limit": limit / 2**20}
         )
     abandon_stale(group.pk)
     now = timezone.now()
@@ -134,7 +146,10 @@ def _enqueue(job: KeyJob) -> None:
         log.warning("could not queue key job %s: %s", job.pk, exc, exc_info=True)
         _finish(job.pk, JobStatus.FAILED, error=f"could not be queued: {exc}")
         raise JobNotQueued(
-            f"The job could not be queued for a worker (is the Celery broker reachable?): {exc}"
+            _(
+                "The job could not be queued for a worker (is the Celery broker reachable?): %(error)s"
+            )
+            % {"error": exc}
         ) from exc
 
 
@@ -356,12 +371,12 @@ def _payload_keys(job: KeyJob) -> list[str]:
 def _busy_message(group: Group) -> str:
     job = KeyJob.objects.filter(group=group, finished_at=None).first()
     if job is None:
-        return "a job is already running for this group"
-    return (
-        f"a job is already running for this group ({job.get_kind_display().lower()} "
-        f"#{job.pk}, {job.processed}/{job.total}); wait for it to finish, or cancel it "
-        f"with POST /api/tasks/{job.pk}/cancel"
-    )
+        return _("a job is already running for this group")
+    return _(
+        "a job is already running for this group (%(kind)s #%(id)d, %(processed)d/%(total)d); "
+        "wait for it to finish, or cancel it with POST /api/tasks/%(id)d/cancel"
+    ) % {"kind": KIND_NAMES[JobKind(job.kind)], "id": job.pk, "processed": job.processed,
+         "total": job.total}  # fmt: skip
 
 
 def _prune(group: Group) -> None:

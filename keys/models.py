@@ -236,6 +236,10 @@ class APIKey(models.Model):
             models.Index(fields=["group", "-last_used_at", "-id"], name="apikey_group_last_used"),
             models.Index(fields=["status", "cooling_until"], name="apikey_status_cooling"),
             models.Index(fields=["key_hash"], name="apikey_hash"),
+            # The dashboard's busiest and most failing keys: five rows read off an index
+            # rather than 100,000s sorted on every refresh.
+            models.Index(fields=["request_count"], name="apikey_requests"),
+            models.Index(fields=["failure_count"], name="apikey_failures"),
         ]
 
     def __str__(self) -> str:

@@ -5,6 +5,9 @@ Writes go in batches of `BATCH` rows (an IN list or an id range per statement, n
 one giant statement: MySQL caps placeholders at 65,535 and SQLite at 32,766), each batch
 its own transaction unless the caller holds one. Bulk writes skip the per-row signals,
 so every function that changes keys moves the configuration version once itself.
+
+Refusals are worded in the active language: the caller's in an API request, English in a
+worker or a command (no language is active there).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from django.db import connections, transaction
 from django.db.models import Field, QuerySet
 from django.db.models.constants import OnConflict
 from django.utils import timezone
+from django.utils.translation import gettext as _
 
 from gptload.lib.crypto import DecryptionError, current_cipher
 from keys.models import APIKey, Group, KeyStatus
@@ -58,8 +62,10 @@ def parse_keys(text: str) -> list[str]:
     keys = [token for token in tokens if token]
     if not keys:
         raise KeyTextError(
-            "No keys found: send keys separated by new lines, spaces, commas or semicolons, "
-            "or a JSON array of strings."
+            _(
+                "No keys found: send keys separated by new lines, spaces, commas or semicolons, "
+                "or a JSON array of strings."
+            )
         )
     _refuse_malformed(keys)
     return keys
@@ -75,7 +81,7 @@ def _json_array(text: str) -> list[str] | None:
     if not isinstance(value, list):
         return None
     if not all(isinstance(item, str) for item in value):
-        raise KeyTextError("The JSON array must hold only strings (one key each).")
+        raise KeyTextError(_("The JSON array must hold only strings (one key each)."))
     return [item.strip() for item in value]
 
 
@@ -87,17 +93,21 @@ def _refuse_malformed(keys: Sequence[str]) -> None:
     reasons = []
     if too_long:
         reasons.append(
-            f"{len(too_long)} longer than {MAX_KEY_LENGTH} characters ({_positions(too_long)})"
+            _("%(count)d longer than %(limit)d characters (%(positions)s)")
+            % {"count": len(too_long), "limit": MAX_KEY_LENGTH, "positions": _positions(too_long)}
         )
     if unprintable:
         reasons.append(
-            f"{len(unprintable)} containing control or invisible characters "
-            f"({_positions(unprintable)})"
+            _("%(count)d containing control or invisible characters (%(positions)s)")
+            % {"count": len(unprintable), "positions": _positions(unprintable)}
         )
     refused = len(set(too_long) | set(unprintable))
     raise KeyTextError(
-        f"{refused} of {len(keys)} keys refused: {'; '.join(reasons)}. "
-        "Fix or remove them and send the list again; nothing was stored."
+        _(
+            "%(refused)d of %(total)d keys refused: %(reasons)s. "
+            "Fix or remove them and send the list again; nothing was stored."
+        )
+        % {"refused": refused, "total": len(keys), "reasons": "; ".join(reasons)}
     )
 
 
@@ -109,13 +119,14 @@ def _has_control_characters(key: str) -> bool:
 
 def _positions(numbers: list[int]) -> str:
     shown = ", ".join(f"#{n}" for n in numbers[:5])
-    return f"keys {shown}{', …' if len(numbers) > 5 else ''}"
+    return _("keys %(numbers)s") % {"numbers": f"{shown}{', …' if len(numbers) > 5 else ''}"}
 
 
 def check_sync_limit(keys: Sequence[str], alternative: str) -> None:
     if len(keys) > SYNC_LIMIT:
         raise KeyTextError(
-            f"batch size exceeds the limit of {SYNC_LIMIT} keys ({len(keys)} sent): {alternative}"
+            _("batch size exceeds the limit of %(limit)d keys (%(count)d sent): %(alternative)s")
+            % {"limit": SYNC_LIMIT, "count": len(keys), "alternative": alternative}
         )
 
 
@@ -123,7 +134,8 @@ def ensure_holds_keys(group: Group) -> None:
     """Raises `KeyOperationError` for an aggregate group, whose keys are its members'."""
     if group.is_aggregate:
         raise KeyOperationError(
-            f"{group.name} is an aggregate group: its keys belong to its member groups."
+            _("%(name)s is an aggregate group: its keys belong to its member groups.")
+            % {"name": group.name}
         )
 
 
@@ -236,7 +248,10 @@ def status_filter(status: str) -> dict[str, Any]:
     if status == "all":
         return {}
     if status not in KeyStatus.values:
-        raise KeyOperationError(f"Unknown key status {status!r}: use {', '.join(EXPORT_STATUSES)}.")
+        raise KeyOperationError(
+            _("Unknown key status %(status)s: use %(choices)s.")
+            % {"status": repr(status), "choices": ", ".join(EXPORT_STATUSES)}
+        )
     return {"status": status}
 
 

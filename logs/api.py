@@ -22,6 +22,8 @@ from django.db.models import F, QuerySet, Window
 from django.db.models.functions import RowNumber
 from django.http import HttpRequest, StreamingHttpResponse
 from django.utils import timezone
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 from ninja import Field, Query, Router, Schema
 from pydantic import field_validator
 
@@ -111,8 +113,9 @@ def parse_time(name: str, raw: str) -> datetime:
             value = timezone.make_aware(value)
         return value.astimezone(UTC)
     except (ValueError, OverflowError):
-        raise ApiError(400, "BAD_REQUEST", f"{name}: {raw!r} is not an ISO 8601 time such as "
-                       "2026-01-31T08:00:00Z or 2026-01-31T16:00:00+08:00") from None  # fmt: skip
+        raise ApiError(400, "BAD_REQUEST", _("%(name)s: %(value)s is not an ISO 8601 time such "
+                       "as 2026-01-31T08:00:00Z or 2026-01-31T16:00:00+08:00")
+                       % {"name": name, "value": repr(raw)}) from None  # fmt: skip
 
 
 def filtered_logs(filters: LogFilters) -> QuerySet[RequestLog]:
@@ -138,7 +141,7 @@ def filtered_logs(filters: LogFilters) -> QuerySet[RequestLog]:
     start = parse_time("start_time", filters.start_time) if filters.start_time else None
     end = parse_time("end_time", filters.end_time) if filters.end_time else None
     if start and end and start > end:
-        raise ApiError(400, "BAD_REQUEST", "start_time must not be later than end_time")
+        raise ApiError(400, "BAD_REQUEST", _("start_time must not be later than end_time"))
     if start:
         rows = rows.filter(timestamp__gte=start)
     if end:
@@ -359,7 +362,7 @@ def dashboard_chart(request: HttpRequest, query: Query[ChartQuery]) -> dict[str,
     last), for one group (`groupId`, aggregates included) or for all standard groups."""
     group_id = query.group_id
     if group_id is not None and not Group.objects.filter(pk=group_id).exists():
-        raise not_found(f"group {group_id}")
+        raise not_found(_("group %(id)s not found") % {"id": group_id})
     return ok(dashboard.hourly_chart(24, group_id))
 
 
@@ -373,16 +376,20 @@ class EncryptionStatus(Schema):
 SAMPLE_SIZE = 20
 MISMATCHES = {
     "data_not_encrypted": (
-        "ENCRYPTION_KEY is set, but the stored keys are plaintext.",
-        "Encrypt the stored keys with this ENCRYPTION_KEY, or unset ENCRYPTION_KEY.",
+        gettext_lazy("ENCRYPTION_KEY is set, but the stored keys are plaintext."),
+        gettext_lazy("Encrypt the stored keys with this ENCRYPTION_KEY, or unset ENCRYPTION_KEY."),
     ),
     "key_not_configured": (
-        "The stored keys are encrypted, but ENCRYPTION_KEY is not set: they cannot be used.",
-        "Set ENCRYPTION_KEY to the key the data was encrypted with and restart.",
+        gettext_lazy(
+            "The stored keys are encrypted, but ENCRYPTION_KEY is not set: they cannot be used."
+        ),
+        gettext_lazy("Set ENCRYPTION_KEY to the key the data was encrypted with and restart."),
     ),
     "key_mismatch": (
-        "The stored keys are encrypted with another ENCRYPTION_KEY than the one configured.",
-        "Set ENCRYPTION_KEY back to the key the data was encrypted with and restart.",
+        gettext_lazy(
+            "The stored keys are encrypted with another ENCRYPTION_KEY than the one configured."
+        ),
+        gettext_lazy("Set ENCRYPTION_KEY back to the key the data was encrypted with and restart."),
     ),
 }
 
@@ -417,4 +424,4 @@ def encryption_status(request: HttpRequest) -> dict[str, Any]:
     scenario = encryption_mismatch()
     message, suggestion = MISMATCHES.get(scenario, ("", ""))
     return ok({"has_mismatch": bool(scenario), "scenario_type": scenario,
-               "message": message, "suggestion": suggestion})  # fmt: skip
+               "message": str(message), "suggestion": str(suggestion)})  # fmt: skip

@@ -38,9 +38,7 @@ def current_hour() -> datetime:
     return timezone.now().replace(minute=0, second=0, microsecond=0)
 
 
-def key_card() -> dict[str, Any]:
-    by_status = APIKey.objects.order_by().values("status").annotate(n=Count("id"))
-    counts = {row["status"]: row["n"] for row in by_status}
+def key_card(counts: dict[str, int]) -> dict[str, Any]:
     invalid = counts.get(KeyStatus.INVALID, 0)
     return {"value": counts.get(KeyStatus.ACTIVE, 0), "sub_value": invalid,
             "sub_value_tip": "invalid keys", "invalid": invalid,
@@ -150,12 +148,13 @@ def proxy_key_warnings(name: str, key: str) -> list[dict[str, str]]:
     return warnings
 
 
-def stats() -> dict[str, Any]:
+def stats(key_counts: dict[str, int] | None = None) -> dict[str, Any]:
     """GPT-Load's dashboard cards: keys, requests per minute, 24 h requests, error rate and
     tokens (each with its trend), and the security warnings."""
     now, before = day_totals()
     requests, errors = request_and_error_cards(now, before)
-    return {"key_count": key_card(), "rpm": rpm_card(), "request_count": requests,
+    counts = key_states() if key_counts is None else key_counts
+    return {"key_count": key_card(counts), "rpm": rpm_card(), "request_count": requests,
             "error_rate": errors, "token_count": token_card(now, before),
             "security_warnings": security_warnings()}  # fmt: skip
 
@@ -248,7 +247,8 @@ def live_hour() -> tuple[int, int, int]:
 def live_figures() -> dict[str, Any]:
     """What the console's dashboard refreshes every few seconds: the cards and the
     current hour's bar, with the calls of the current hour counted as they end."""
-    figures = stats()
+    keys = key_states()
+    figures = stats(keys)
     ok, failed, _ = live_hour()
     stored = standard_groups_only(HourlyStat.objects.filter(time=current_hour())).aggregate(
         ok=Sum("success_count"), failed=Sum("failure_count"))  # fmt: skip
@@ -256,7 +256,7 @@ def live_figures() -> dict[str, Any]:
     # The 24 h cards count stored rows; calls of this hour not yet written are added.
     unwritten = max(0, hour_ok + hour_failed - int(stored["ok"] or 0) - int(stored["failed"] or 0))
     figures["request_count"]["value"] += unwritten
-    return {"cards": figures, "keys": key_states(), "tokens_today": tokens_today(),
+    return {"cards": figures, "keys": keys, "tokens_today": tokens_today(),
             "hour": {"ok": hour_ok, "failed": hour_failed}}  # fmt: skip
 
 

@@ -57,11 +57,11 @@ def typed(setting: Setting, raw: Any) -> Any:
         or not isinstance(raw, int | float)
         or (isinstance(raw, float) and not raw.is_integer())
     ):
-        raise SettingError(f"{setting.key}: expected a whole number, got {raw!r}")
+        raise SettingError(f"{setting.key}: {registry.expected_int(raw)}")
     if setting.kind is bool and not isinstance(raw, bool):
-        raise SettingError(f"{setting.key}: expected true or false, got {raw!r}")
+        raise SettingError(f"{setting.key}: {registry.expected_bool(raw)}")
     if setting.kind is str and not isinstance(raw, str):
-        raise SettingError(f"{setting.key}: expected text, got {raw!r}")
+        raise SettingError(f"{setting.key}: {registry.expected_text(raw)}")
     return setting.parse(raw)
 
 
@@ -71,7 +71,7 @@ def validated(changes: dict[str, Any]) -> dict[str, str]:
     for key, raw in changes.items():
         setting = registry.REGISTRY.get(key)
         if setting is None:
-            problems.append(f"unknown setting {key!r}")
+            problems.append(registry.unknown_setting(key))
             continue
         try:
             texts[key] = setting.serialize(typed(setting, raw))

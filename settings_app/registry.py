@@ -4,6 +4,10 @@ Effective value of a setting for a group: the group's override (`Group.config`) 
 one, else the system value stored in `SystemSetting`, else the default here. Every writer
 (admin form, REST API, group config) validates through `Setting.parse`, so a bad value is
 refused with a reason before it is stored.
+
+Names, descriptions and categories are English text marked for translation and shown
+through `gettext` (console and `/api/settings`), so that what is stored (a setting row's
+description) stays English; refusals are worded in the language active when raised.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from django.conf import settings as django_settings
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_noop
 
 from gptload.lib.urls import is_http_url
 
@@ -23,9 +29,9 @@ class SettingError(ValueError):
     """A setting value is refused; the message says which setting and why."""
 
 
-BASIC = "Basic"
-REQUEST = "Request settings"
-KEYS = "Key configuration"
+BASIC = gettext_noop("Basic")
+REQUEST = gettext_noop("Request settings")
+KEYS = gettext_noop("Key configuration")
 STATUS_RANGE = re.compile(r"^(\d{3})(?:-(\d{3}))?$")
 # No count or duration needs more; beyond it `timedelta` and the schedulers overflow.
 MAXIMUM = 1_000_000
@@ -39,10 +45,14 @@ def parse_status_codes(spec: str) -> frozenset[int]:
             continue
         match = STATUS_RANGE.match(part.replace(" ", ""))
         if not match:
-            raise SettingError(f"{part!r} is not a status code or a range like 500-599")
+            raise SettingError(
+                _("%(value)s is not a status code or a range like 500-599") % {"value": repr(part)}
+            )
         low, high = int(match[1]), int(match[2] or match[1])
         if not (100 <= low <= high <= 999):
-            raise SettingError(f"{part!r} must lie within 100-999, low to high")
+            raise SettingError(
+                _("%(value)s must lie within 100-999, low to high") % {"value": repr(part)}
+            )
         codes.update(range(low, high + 1))
     return frozenset(codes)
 
@@ -59,7 +69,9 @@ def _key_list(value: str) -> str:
 
 def _http_url(value: str) -> str:
     if not is_http_url(value):
-        raise SettingError(f"{value!r} is not an http:// or https:// URL")
+        raise SettingError(
+            _("%(value)s is not an http:// or https:// URL") % {"value": repr(value)}
+        )
     return value.rstrip("/")
 
 
@@ -68,7 +80,10 @@ def _proxy_url(value: str) -> str:
         return ""
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https", "socks5", "socks5h") or not parts.hostname:
-        raise SettingError(f"{value!r} is not an http://, https:// or socks5:// proxy URL")
+        raise SettingError(
+            _("%(value)s is not an http://, https:// or socks5:// proxy URL")
+            % {"value": repr(value)}
+        )
     return value
 
 
@@ -90,7 +105,7 @@ class Setting:
     key: str
     kind: type
     default: Any
-    name: str
+    name: str  # name, description, category: shown through gettext
     description: str
     category: str
     minimum: int | None = None
@@ -119,26 +134,32 @@ class Setting:
                 return True
             if text in ("false", "0", "no", "off"):
                 return False
-            raise SettingError(f"expected true or false, got {raw!r}")
+            raise SettingError(expected_bool(raw))
         if self.kind is int:
             if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-                raise SettingError(f"expected a whole number, got {raw!r}")
+                raise SettingError(expected_int(raw))
             try:
                 number = int(raw) if not isinstance(raw, str) else int(raw.strip())
             except (TypeError, ValueError):
-                raise SettingError(f"expected a whole number, got {raw!r}") from None
+                raise SettingError(expected_int(raw)) from None
             if self.minimum is not None and number < self.minimum:
-                raise SettingError(f"must be at least {self.minimum}, got {number}")
+                raise SettingError(
+                    _("must be at least %(minimum)d, got %(value)d")
+                    % {"minimum": self.minimum, "value": number}
+                )
             if number > self.maximum:
-                raise SettingError(f"must be at most {self.maximum}, got {number}")
+                raise SettingError(
+                    _("must be at most %(maximum)d, got %(value)d")
+                    % {"maximum": self.maximum, "value": number}
+                )
             return number
         if not isinstance(raw, str):
-            raise SettingError(f"expected text, got {raw!r}")
+            raise SettingError(expected_text(raw))
         text = raw.strip()
         if self.normalize is not None:
             text = self.normalize(text)
         if self.required and not text:
-            raise SettingError("must not be empty")
+            raise SettingError(_("must not be empty"))
         return text
 
     def serialize(self, value: Any) -> str:
@@ -147,61 +168,88 @@ class Setting:
         return str(value)
 
 
+def expected_bool(raw: Any) -> str:
+    return _("expected true or false, got %(value)s") % {"value": repr(raw)}
+
+
+def expected_int(raw: Any) -> str:
+    return _("expected a whole number, got %(value)s") % {"value": repr(raw)}
+
+
+def expected_text(raw: Any) -> str:
+    return _("expected text, got %(value)s") % {"value": repr(raw)}
+
+
+def unknown_setting(key: str) -> str:
+    return _("unknown setting %(key)s") % {"key": repr(key)}
+
+
 SETTINGS: tuple[Setting, ...] = (
-    Setting("app_url", str, _app_url_default, "Project URL",
-            "Base URL shown for group endpoints (e.g. https://gateway.example.com).",
+    Setting("app_url", str, _app_url_default, gettext_noop("Project URL"),
+            gettext_noop("Base URL shown for group endpoints (e.g. https://gateway.example.com)."),
             BASIC, required=True, normalize=_http_url),
-    Setting("proxy_keys", str, _proxy_keys_default, "Global proxy keys",
-            "Comma-separated keys that clients may use on every group. Seeded from AUTH_KEY.",
+    Setting("proxy_keys", str, _proxy_keys_default, gettext_noop("Global proxy keys"),
+            gettext_noop("Comma-separated keys that clients may use on every group. Seeded from "
+                         "AUTH_KEY."),
             BASIC, required=True, normalize=_key_list),
-    Setting("request_log_retention_days", int, 7, "Log retention (days)",
-            "Request logs older than this are deleted; 0 keeps them forever.", BASIC, minimum=0,
-            maximum=36500),
-    Setting("request_log_write_interval_minutes", int, 1, "Log write interval (minutes)",
-            "How often buffered request logs are written; 0 writes each at once.",
+    Setting("request_log_retention_days", int, 7, gettext_noop("Log retention (days)"),
+            gettext_noop("Request logs older than this are deleted; 0 keeps them forever."),
+            BASIC, minimum=0, maximum=36500),
+    Setting("request_log_write_interval_minutes", int, 1,
+            gettext_noop("Log write interval (minutes)"),
+            gettext_noop("How often buffered request logs are written; 0 writes each at once."),
             BASIC, minimum=0),
-    Setting("enable_request_body_logging", bool, False, "Log request bodies",
-            "Store each request body (and user agent) with its log row.",
+    Setting("enable_request_body_logging", bool, False, gettext_noop("Log request bodies"),
+            gettext_noop("Store each request body (and user agent) with its log row."),
             BASIC, group_overridable=True),
-    Setting("request_timeout", int, 600, "Request timeout (s)",
-            "Total time allowed for a non-streaming upstream request.",
+    Setting("request_timeout", int, 600, gettext_noop("Request timeout (s)"),
+            gettext_noop("Total time allowed for a non-streaming upstream request."),
             REQUEST, minimum=1, group_overridable=True),
-    Setting("connect_timeout", int, 15, "Connect timeout (s)",
-            "Time allowed to open a connection to the upstream.",
+    Setting("connect_timeout", int, 15, gettext_noop("Connect timeout (s)"),
+            gettext_noop("Time allowed to open a connection to the upstream."),
             REQUEST, minimum=1, group_overridable=True),
-    Setting("idle_conn_timeout", int, 120, "Idle connection timeout (s)",
-            "How long an idle upstream connection is kept for reuse.",
+    Setting("idle_conn_timeout", int, 120, gettext_noop("Idle connection timeout (s)"),
+            gettext_noop("How long an idle upstream connection is kept for reuse."),
             REQUEST, minimum=1, group_overridable=True),
-    Setting("response_header_timeout", int, 600, "Response header timeout (s)",
-            "Time allowed for the upstream to send its response headers (first byte).",
+    Setting("response_header_timeout", int, 600, gettext_noop("Response header timeout (s)"),
+            gettext_noop("Time allowed for the upstream to send its response headers (first "
+                         "byte)."),
             REQUEST, minimum=1, group_overridable=True),
-    Setting("max_idle_conns", int, 100, "Max idle connections",
-            "Upstream connections kept open for reuse, in all.",
+    Setting("max_idle_conns", int, 100, gettext_noop("Max idle connections"),
+            gettext_noop("Upstream connections kept open for reuse, in all."),
             REQUEST, minimum=1, group_overridable=True),
-    Setting("max_idle_conns_per_host", int, 50, "Max idle connections per host",
-            "Upstream connections kept open for reuse, per upstream host.",
+    Setting("max_idle_conns_per_host", int, 50, gettext_noop("Max idle connections per host"),
+            gettext_noop("Upstream connections kept open for reuse, per upstream host."),
             REQUEST, minimum=1, group_overridable=True),
-    Setting("proxy_url", str, "", "Outbound proxy",
-            "HTTP, HTTPS or SOCKS5 proxy for upstream calls; empty uses HTTP(S)_PROXY.",
+    Setting("proxy_url", str, "", gettext_noop("Outbound proxy"),
+            gettext_noop("HTTP, HTTPS or SOCKS5 proxy for upstream calls; empty uses "
+                         "HTTP(S)_PROXY."),
             REQUEST, group_overridable=True, normalize=_proxy_url),
-    Setting("max_retries", int, 3, "Max retries",
-            "Extra attempts, each on another key, before an error reaches the client.",
+    Setting("max_retries", int, 3, gettext_noop("Max retries"),
+            gettext_noop("Extra attempts, each on another key, before an error reaches the "
+                         "client."),
             KEYS, minimum=0, group_overridable=True),
-    Setting("blacklist_threshold", int, 3, "Blacklist threshold",
-            "Consecutive failures (5xx, timeouts) after which a key is marked invalid; "
-            "0 never benches a key for them.", KEYS, minimum=0, group_overridable=True),
-    Setting("failover_status_codes", str, "401-403,408,429,500-599", "Failover status codes",
-            "Upstream statuses that retry on another key (ranges allowed); empty: none. "
-            "GPT-Load's default 400-403,405-999 also retried the client's own mistakes.",
+    Setting("blacklist_threshold", int, 3, gettext_noop("Blacklist threshold"),
+            gettext_noop("Consecutive failures (5xx, timeouts) after which a key is marked "
+                         "invalid; 0 never benches a key for them."),
+            KEYS, minimum=0, group_overridable=True),
+    Setting("failover_status_codes", str, "401-403,408,429,500-599",
+            gettext_noop("Failover status codes"),
+            gettext_noop("Upstream statuses that retry on another key (ranges allowed); empty: "
+                         "none. GPT-Load's default 400-403,405-999 also retried the client's "
+                         "own mistakes."),
             KEYS, group_overridable=True, normalize=_status_codes),
-    Setting("key_validation_interval_minutes", int, 60, "Key validation interval (minutes)",
-            "How often invalid keys are re-checked and restored when they work again.",
+    Setting("key_validation_interval_minutes", int, 60,
+            gettext_noop("Key validation interval (minutes)"),
+            gettext_noop("How often invalid keys are re-checked and restored when they work "
+                         "again."),
             KEYS, minimum=1, group_overridable=True),
-    Setting("key_validation_concurrency", int, 10, "Key validation concurrency",
-            "Keys validated at the same time per group (keep below 20 on SQLite).",
+    Setting("key_validation_concurrency", int, 10, gettext_noop("Key validation concurrency"),
+            gettext_noop("Keys validated at the same time per group (keep below 20 on SQLite)."),
             KEYS, minimum=1, group_overridable=True),
-    Setting("key_validation_timeout_seconds", int, 20, "Key validation timeout (s)",
-            "Time allowed for one key validation call.", KEYS, minimum=1, group_overridable=True),
+    Setting("key_validation_timeout_seconds", int, 20, gettext_noop("Key validation timeout (s)"),
+            gettext_noop("Time allowed for one key validation call."),
+            KEYS, minimum=1, group_overridable=True),
 )  # fmt: skip
 REGISTRY: dict[str, Setting] = {s.key: s for s in SETTINGS}
 GROUP_OVERRIDABLE = frozenset(s.key for s in SETTINGS if s.group_overridable)
@@ -211,7 +259,7 @@ def get(key: str) -> Setting:
     try:
         return REGISTRY[key]
     except KeyError:
-        raise SettingError(f"unknown setting {key!r}") from None
+        raise SettingError(unknown_setting(key)) from None
 
 
 def defaults() -> dict[str, Any]:
@@ -230,15 +278,18 @@ def validate_group_config(config: Any) -> dict[str, Any]:
     override, or a bad value.
     """
     if not isinstance(config, Mapping):
-        raise SettingError("config must be an object of setting overrides")
+        raise SettingError(_("config must be an object of setting overrides"))
     cleaned: dict[str, Any] = {}
     for key, raw in config.items():
         if raw is None:
             continue
         if key not in REGISTRY:
-            raise SettingError(f"unknown config field {key!r}")
+            raise SettingError(_("unknown config field %(key)s") % {"key": repr(key)})
         if key not in GROUP_OVERRIDABLE:
-            raise SettingError(f"{key!r} is a system-wide setting and cannot be set per group")
+            raise SettingError(
+                _("%(key)s is a system-wide setting and cannot be set per group")
+                % {"key": repr(key)}
+            )
         cleaned[key] = REGISTRY[key].parse(raw)
     return cleaned
 

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from django.db import transaction
+from django.utils.translation import gettext as _
 
 from settings_app import registry
 from settings_app.models import SystemSetting
@@ -29,13 +30,15 @@ def stored_values() -> dict[str, Any]:
 
 
 def categories() -> list[dict[str, Any]]:
+    """Every setting by category, its name, description and category in the active language."""
     values = registry.effective(None, stored_values())
     grouped: dict[str, list[dict[str, Any]]] = {}
     for setting in registry.SETTINGS:
-        grouped.setdefault(setting.category, []).append({
-            "key": setting.key, "name": setting.name, "value": values[setting.key],
+        category = _(setting.category)
+        grouped.setdefault(category, []).append({
+            "key": setting.key, "name": _(setting.name), "value": values[setting.key],
             "type": TYPE_NAMES[setting.kind], "default_value": setting.default_value(),
-            "description": setting.description, "category": setting.category,
+            "description": _(setting.description), "category": category,
             "min_value": setting.minimum, "required": setting.required,
         })  # fmt: skip
     return [{"category_name": name, "settings": items} for name, items in grouped.items()]

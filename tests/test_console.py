@@ -248,6 +248,24 @@ def test_long_lists_are_paged_without_a_count_or_a_made_up_total(operator, group
     assert ("Select every matching" in page) == (per_page == 1)
 
 
+def test_a_deep_page_shows_the_same_rows_as_one_long_page_would(operator, group):
+    from keys.admin import APIKeyAdmin
+
+    for n in range(6):
+        APIKey.build(group, f"sk-paged-{n}-0123456789abcdef").save()
+
+    def shown(per_page, page):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(APIKeyAdmin, "list_per_page", per_page)
+            html_page = operator.get("/admin/keys/apikey/", {"p": page}).content.decode()
+        return re.findall(r'data-reveal="/admin/keys/apikey/(\d+)/reveal/"', html_page)
+
+    everything = shown(100, 1)
+    assert len(everything) == 7
+    assert shown(3, 1) + shown(3, 2) + shown(3, 3) == everything
+    assert shown(3, 4) == []
+
+
 @pytest.mark.parametrize(
     ("action", "before", "after"),
     [("disable_selected", KeyStatus.ACTIVE, KeyStatus.DISABLED),

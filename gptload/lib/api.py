@@ -5,6 +5,10 @@ error is `{"code": "UPPER_SNAKE", "message": "…"}` with its HTTP status, whate
 it (a refusal of ours, a validation error of ninja or of a model, a duplicate row, a body
 that is not JSON, a bug). Lists page as `{items, pagination}`.
 
+`message` is in the caller's language (`Accept-Language`: English, Simplified Chinese or
+Japanese, as GPT-Load), so each one is translated where it is raised, inside the
+request; `code` never is: clients match on it.
+
 Auth: `AUTH_KEY` as `Authorization: Bearer`, `X-Api-Key` or `X-Goog-Api-Key` (constant
 time), or the session of a staff user logged in to the admin (with CSRF). Never `?key=`:
 it would end up in access logs.
@@ -27,6 +31,7 @@ from django.db.models import QuerySet
 from django.http import Http404, HttpRequest, HttpResponse
 from django.http.multipartparser import MultiPartParserError
 from django.utils.datastructures import MultiValueDict
+from django.utils.translation import gettext as _
 from django.views.decorators.csrf import csrf_exempt
 from ninja import Field, NinjaAPI, Schema
 from ninja.errors import AuthenticationError, HttpError, ValidationError
@@ -55,8 +60,9 @@ class ApiError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def not_found(what: str) -> ApiError:
-    return ApiError(404, "NOT_FOUND", f"{what} not found")
+def not_found(message: str) -> ApiError:
+    """A 404 whose `message` is a whole translated sentence, e.g. "group 5 not found"."""
+    return ApiError(404, "NOT_FOUND", message)
 
 
 class Envelope(Schema, Generic[T]):
@@ -82,8 +88,8 @@ class ErrorOut(Schema):
     message: str
 
 
-def ok(data: Any = None, message: str = "success") -> dict[str, Any]:
-    return {"code": 0, "message": message, "data": data}
+def ok(data: Any = None, message: str | None = None) -> dict[str, Any]:
+    return {"code": 0, "message": _("success") if message is None else message, "data": data}
 
 
 def paginate(
@@ -95,7 +101,8 @@ def paginate(
     """One page of `rows` (already ordered) and its counts, GPT-Load's shape."""
     if page < 1 or not 1 <= page_size <= MAX_PAGE_SIZE:
         raise ApiError(400, "BAD_REQUEST",
-                       f"page must be ≥ 1 and page_size between 1 and {MAX_PAGE_SIZE}")  # fmt: skip
+                       _("page must be ≥ 1 and page_size between 1 and %(max)d")
+                       % {"max": MAX_PAGE_SIZE})  # fmt: skip
     total = rows.count()
     start = (page - 1) * page_size
     # A page past the end is empty without asking: an OFFSET beyond 2^63 is an SQL error.
@@ -163,8 +170,8 @@ class StaffSession(SessionAuth):
         if user is None or not (user.is_active and user.is_staff):
             return None
         if self.csrf and not getattr(request, "_ninja_csrf_exempt", False) and check_csrf(request):
-            raise HttpError(403, "CSRF check failed: send the csrftoken cookie's value as "
-                            "X-CSRFToken, or authenticate with AUTH_KEY instead of the session.")  # fmt: skip
+            raise HttpError(403, _("CSRF check failed: send the csrftoken cookie's value as "
+                            "X-CSRFToken, or authenticate with AUTH_KEY instead of the session."))  # fmt: skip
         return user
 
     def authenticate(self, request: HttpRequest, key: str | None) -> Any:
@@ -188,8 +195,9 @@ class StrictParser(Parser):
     ) -> dict[str, Any]:
         for name, values in data.lists():
             if len(values) > 1 and name not in list_fields:
-                raise ApiError(400, "BAD_REQUEST", f"{name}: sent {len(values)} times; "
-                               "send each parameter once.")  # fmt: skip
+                raise ApiError(400, "BAD_REQUEST", _("%(name)s: sent %(count)d times; "
+                               "send each parameter once.")
+                               % {"name": name, "count": len(values)})  # fmt: skip
         return super().parse_querydict(data, list_fields, request)
 
 
@@ -245,10 +253,12 @@ def on_validation_error(request: HttpRequest, exc: ValidationError) -> HttpRespo
     problems = []
     for item in exc.errors:
         where = ".".join(str(p) for p in item.get("loc", ()) if p not in ("body", "payload"))
-        problems.append(f"{where}: {item.get('msg', 'invalid')}" if where else item.get("msg", ""))
+        # pydantic's own words stay English: only our frame around them is translated.
+        problem = item["msg"] if "msg" in item else _("invalid")
+        problems.append(f"{where}: {problem}" if where else item.get("msg", ""))
     if any("Cannot parse request body" in p for p in problems):
-        return error(request, 400, "INVALID_JSON", "The request body is not valid JSON.")
-    return error(request, 400, "VALIDATION_FAILED", "; ".join(problems) or "Invalid request.")
+        return error(request, 400, "INVALID_JSON", _("The request body is not valid JSON."))
+    return error(request, 400, "VALIDATION_FAILED", "; ".join(problems) or _("Invalid request."))
 
 
 @api.exception_handler(ModelValidationError)
@@ -263,50 +273,56 @@ def on_model_validation_error(request: HttpRequest, exc: ModelValidationError) -
 
 @api.exception_handler(AuthenticationError)
 def on_unauthenticated(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
-    return error(request, 401, "UNAUTHORIZED", "Authentication failed: send AUTH_KEY as a "
-                 "Bearer token or X-Api-Key header.")  # fmt: skip
+    return error(request, 401, "UNAUTHORIZED", _("Authentication failed: send AUTH_KEY as a "
+                 "Bearer token or X-Api-Key header."))  # fmt: skip
 
 
 @api.exception_handler(HttpError)
 def on_http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
     if str(exc).startswith("Cannot parse request body"):  # DEBUG adds the parser's words
-        return error(request, 400, "INVALID_JSON", "The request body is not valid JSON.")
+        return error(request, 400, "INVALID_JSON", _("The request body is not valid JSON."))
     code = STATUS_CODES.get(exc.status_code, "BAD_REQUEST")
     return error(request, exc.status_code, code, str(exc))
 
 
 @api.exception_handler(Http404)
 def on_not_found(request: HttpRequest, exc: Http404) -> HttpResponse:
-    return error(request, 404, "NOT_FOUND", str(exc) or "Not found.")
+    return error(request, 404, "NOT_FOUND", str(exc) or _("Not found."))
 
 
 @csrf_exempt  # it changes nothing; else a POST there would get CSRF's HTML 403
 def unknown_path(request: HttpRequest) -> HttpResponse:
     """`/api/…` paths with no endpoint: a JSON 404, not Django's HTML page."""
-    return error(request, 404, "NOT_FOUND", f"No API endpoint at {request.path}")
+    return error(
+        request, 404, "NOT_FOUND", _("No API endpoint at %(path)s") % {"path": request.path}
+    )
 
 
 @api.exception_handler(IntegrityError)
 def on_integrity_error(request: HttpRequest, exc: IntegrityError) -> HttpResponse:
-    return error(request, 409, "DUPLICATE_RESOURCE", "A record with these values already exists.")
+    return error(
+        request, 409, "DUPLICATE_RESOURCE", _("A record with these values already exists.")
+    )
 
 
 @api.exception_handler(RequestDataTooBig)
 def on_too_big(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
     limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-    return error(request, 413, "PAYLOAD_TOO_LARGE", f"The request body exceeds {limit} bytes; "
-                 "upload large key files as a multipart `file` to /api/keys/add-async.")  # fmt: skip
+    return error(request, 413, "PAYLOAD_TOO_LARGE", _("The request body exceeds %(limit)d bytes; "
+                 "upload large key files as a multipart `file` to /api/keys/add-async.")
+                 % {"limit": limit})  # fmt: skip
 
 
 @api.exception_handler(MultiPartParserError)
 def on_bad_multipart(request: HttpRequest, exc: MultiPartParserError) -> HttpResponse:
-    return error(request, 400, "BAD_REQUEST", f"The multipart body cannot be read ({exc}): send "
-                 "multipart/form-data with its boundary, or a JSON body.")  # fmt: skip
+    return error(request, 400, "BAD_REQUEST", _("The multipart body cannot be read (%(error)s): "
+                 "send multipart/form-data with its boundary, or a JSON body.")
+                 % {"error": exc})  # fmt: skip
 
 
 @api.exception_handler(SuspiciousOperation)
 def on_suspicious(request: HttpRequest, exc: SuspiciousOperation) -> HttpResponse:
-    return error(request, 400, "BAD_REQUEST", str(exc) or "The request is malformed.")
+    return error(request, 400, "BAD_REQUEST", str(exc) or _("The request is malformed."))
 
 
 @api.exception_handler(DataError)
@@ -314,11 +330,11 @@ def on_data_error(request: HttpRequest, exc: DataError) -> HttpResponse:
     # A value the schema let through but the database refuses (MySQL strict mode): the
     # client can fix it; logged because a schema should have caught it first.
     log.warning("database refused a value of %s %s: %s", request.method, request.path, exc)
-    return error(request, 400, "VALIDATION_FAILED", "A value is too long or out of range; "
-                 "send shorter text or smaller numbers.")  # fmt: skip
+    return error(request, 400, "VALIDATION_FAILED", _("A value is too long or out of range; "
+                 "send shorter text or smaller numbers."))  # fmt: skip
 
 
 @api.exception_handler(Exception)
 def on_unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
     log.exception("management API request %s %s failed", request.method, request.path)
-    return error(request, 500, "INTERNAL_SERVER_ERROR", "gptload failed to handle this request.")
+    return error(request, 500, "INTERNAL_SERVER_ERROR", _("gptload failed to handle this request."))
