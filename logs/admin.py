@@ -127,7 +127,11 @@ class ErrorFilter(TextFilter):
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
         value = (self.value() or "").strip()
-        return queryset.filter(error_message__icontains=value) if value else queryset
+        # Only failures carry an error; their (is_success, timestamp) index narrows the
+        # scan that a text search is to them (a twelfth of the rows, or fewer).
+        if not value:
+            return queryset
+        return queryset.filter(is_success=False, error_message__icontains=value)
 
 
 @admin.register(RequestLog)

@@ -206,15 +206,21 @@ def top_groups_and_models(hours: int = 24, limit: int = 5) -> dict[str, list[dic
 
 
 def top_keys(limit: int = 5) -> dict[str, list[dict[str, Any]]]:
-    """The keys with the most requests and the most failures (their lifetime counters)."""
-    fields = ("pk", "group__name", "key_value", "request_count", "failure_count", "status")
-    busiest = APIKey.objects.order_by("-request_count").values(*fields)[:limit]
-    failing = (
-        APIKey.objects.filter(failure_count__gt=0)
-        .order_by("-failure_count")
-        .values(*fields)[:limit]
-    )
-    return {"keys_by_traffic": list(busiest), "keys_by_errors": list(failing)}
+    """The keys with the most requests and the most failures (their lifetime counters).
+
+    Read off the counters' indexes without a join (joined to the groups, MariaDB reads
+    every key of every group and sorts them: 0.4 s at 200,000 keys); the few groups
+    named are looked up after.
+    """
+    fields = ("pk", "group_id", "key_value", "request_count", "failure_count", "status")
+    busiest = list(APIKey.objects.order_by("-request_count").values(*fields)[:limit])
+    failing = list(APIKey.objects.filter(failure_count__gt=0).order_by("-failure_count")
+                   .values(*fields)[:limit])  # fmt: skip
+    names = dict(Group.objects.filter(pk__in={row["group_id"] for row in busiest + failing})
+                 .values_list("pk", "name"))  # fmt: skip
+    for row in busiest + failing:
+        row["group__name"] = names.get(row["group_id"], "")
+    return {"keys_by_traffic": busiest, "keys_by_errors": failing}
 
 
 def key_states() -> dict[str, int]:

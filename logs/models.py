@@ -54,6 +54,7 @@ class RequestLog(models.Model):
             models.Index(fields=["model", "timestamp"], name="log_model_time"),
             models.Index(fields=["status_code", "timestamp"], name="log_status_time"),
             models.Index(fields=["request_type", "timestamp"], name="log_type_time"),
+            models.Index(fields=["is_success", "timestamp"], name="log_success_time"),
         ]
 
     def __str__(self) -> str:
