@@ -178,7 +178,11 @@ class GroupAdmin(ModelAdmin):
     inlines = [MemberInline]
     readonly_fields = ["endpoint_shown", "last_validated_at", "created_at", "updated_at"]
     actions = ["copy_groups"]
-    actions_detail = ["import_keys", "validate_invalid", "clear_invalid", "export_keys"]
+    actions_detail = [
+        "import_keys", "validate_invalid", "clear_invalid",
+        {"title": _("Export keys"), "icon": "download",
+         "items": ["export_all_keys", "export_active_keys", "export_invalid_keys"]},
+    ]  # fmt: skip
     fieldsets = [
         (
             None,
@@ -339,11 +343,21 @@ class GroupAdmin(ModelAdmin):
         title = _("Delete the invalid keys of %(group)s?") % {"group": group.name}
         return self.page(request, "admin/keys/confirm_clear.html", group, title, count=invalid)
 
-    @action(description=_("Export keys"), icon="download", url_path="export-keys")
-    def export_keys(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        group = self.changeable(request, object_id)  # the export is the keys in plaintext
-        status = request.GET.get("status", "all")
-        services.status_filter(status)  # refuses an unknown status
+    @action(description=_("All keys"), url_path="export-keys")
+    def export_all_keys(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        return self.export(request, object_id, "all")
+
+    @action(description=_("Active keys"), url_path="export-active-keys")
+    def export_active_keys(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        return self.export(request, object_id, KeyStatus.ACTIVE)
+
+    @action(description=_("Invalid keys"), url_path="export-invalid-keys")
+    def export_invalid_keys(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        return self.export(request, object_id, KeyStatus.INVALID)
+
+    def export(self, request: HttpRequest, object_id: str, status: str) -> HttpResponse:
+        """The group's keys in that state, one per line, in plaintext (a download)."""
+        group = self.changeable(request, object_id)
         text = "".join(batch.text for batch in services.export_keys(group.pk, status))
         response = HttpResponse(text, content_type="text/plain; charset=utf-8")
         response["Content-Disposition"] = f'attachment; filename="{group.name}-{status}-keys.txt"'

@@ -298,6 +298,20 @@ def test_selected_keys_are_exported_in_plaintext_to_who_may_change_them(operator
     assert response["Content-Disposition"].startswith("attachment")
 
 
+def test_a_groups_keys_are_exported_all_active_or_invalid_from_its_page(operator, group):
+    APIKey.build(group, "sk-benched-0123456789abcdef").save()
+    APIKey.objects.filter(key_hash=APIKey.build(group, "sk-benched-0123456789abcdef").key_hash
+                          ).update(status=KeyStatus.INVALID)  # fmt: skip
+    page = operator.get(f"/admin/keys/group/{group.pk}/change/").content.decode()
+    exports = {"export-keys": {SECRET, "sk-benched-0123456789abcdef"},
+               "export-active-keys": {SECRET}, "export-invalid-keys": {"sk-benched-0123456789abcdef"}}  # fmt: skip
+    for path, expected in exports.items():
+        assert f"/admin/keys/group/{group.pk}/{path}/" in page  # offered in the export menu
+        response = operator.get(f"/admin/keys/group/{group.pk}/{path}/")
+        assert set(response.content.decode().split()) == expected
+        assert response["Content-Disposition"].startswith("attachment")
+
+
 def test_importing_keys_from_a_group_page_starts_a_job_with_a_progress_page(
     operator, group, monkeypatch
 ):
@@ -340,7 +354,8 @@ def test_a_viewer_cannot_import_reveal_or_export(viewer, group):
         ).status_code
         == 403
     )
-    assert viewer.get(f"/admin/keys/group/{group.pk}/export-keys/").status_code == 403
+    for path in ("export-keys", "export-active-keys", "export-invalid-keys"):
+        assert viewer.get(f"/admin/keys/group/{group.pk}/{path}/").status_code == 403
     assert viewer.get("/admin/keys/group/").status_code == 200
 
 
