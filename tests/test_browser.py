@@ -62,6 +62,7 @@ def page(server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         context = browser.new_context(viewport={"width": 1400, "height": 900}, locale="en-US",
                                       base_url=server.url)  # fmt: skip
+        context.grant_permissions(["clipboard-read", "clipboard-write"])
         page = context.new_page()
         page.set_default_timeout(20_000)
         yield page
@@ -97,6 +98,8 @@ def test_an_operators_first_day(page: Any, server: Any, fake: FakeProvider) -> N
     page.get_by_role("button", name=re.compile("Add a generated key")).click()
     proxy_key = page.input_value("textarea[name=proxy_keys]")
     assert re.fullmatch(r"sk-[A-Za-z0-9]{48}", proxy_key)
+    page.get_by_role("button", name=re.compile("Copy")).click()
+    assert page.evaluate("navigator.clipboard.readText()") == proxy_key
     page.click("button[name=_continue]")
     page.wait_for_selector("text=was added successfully")
     group_url = page.url
@@ -107,7 +110,9 @@ def test_an_operators_first_day(page: Any, server: Any, fake: FakeProvider) -> N
     page.fill("textarea[name=text]", "\n".join(keys))
     page.get_by_role("button", name="Import").click()
     page.wait_for_url(re.compile(r"/admin/keys/keyjob/\d+/change/"))
-    page.wait_for_selector("text=succeeded", timeout=60_000)
+    # Followed live until the job ends; the page then shows itself again with the result.
+    page.wait_for_selector("[data-job-finished]", timeout=60_000)
+    assert "succeeded" in page.inner_text("#job-label")
     assert "1000 / 1000" in page.inner_text("#job-label")
     shot(page, "import-job")
 

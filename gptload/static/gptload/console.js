@@ -11,6 +11,14 @@ function gptloadAddProxyKey(fieldId) {
   field.value = keys.join(",");
 }
 
+// Copies a field's text (the group's proxy keys) and says so on the button.
+async function gptloadCopyField(fieldId, button) {
+  const text = document.getElementById(fieldId).value.trim();
+  if (!text) return;
+  await navigator.clipboard.writeText(text).catch(() => {});
+  button.querySelector(".material-symbols-outlined").textContent = "done";
+}
+
 // Asks the server for one key in plaintext, shows it in place and copies it.
 async function gptloadReveal(button) {
   const csrf = document.cookie.split("; ").find((c) => c.startsWith("csrftoken="));
