@@ -4,14 +4,15 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 TEST_DATABASE_DSN ?= mysql://root@127.0.0.1:3306/gptload
-TEST_REDIS_DSN ?= redis://127.0.0.1:6379/14
+TEST_REDIS_DSN ?= redis://127.0.0.1:6379/13
 PYTEST_ARGS ?=
 # The test process's own admin key (the servers it starts get theirs from conftest.py), so
 # that a test run never makes the data/auth_key that `make run` would show at first boot.
 TEST_AUTH_KEY := sk-test-run-0123456789abcdefghij
-# pytest-xdist processes for the SQLite pass (a test database each); the MariaDB pass runs
-# in one, as its tests share Redis.
+# pytest-xdist processes for each pass (a test database each; on the MariaDB pass a Redis
+# database each too, TEST_REDIS_DSN's number plus the worker's: tests/redis_per_worker.py).
 SQLITE_WORKERS ?= 2
+MYSQL_WORKERS ?= 2
 BENCH_ARGS ?=
 
 .PHONY: browser-deps run test test-sqlite test-mysql lint format lock bench bench-keys bench-levers migrate clean system-deps
@@ -32,7 +33,7 @@ test-sqlite: $(VENV)/.installed-dev
 test-mysql: $(VENV)/.installed-dev
 	@echo "== tests on MariaDB + Redis =="
 	.ci/services
-	DATABASE_DSN=$(TEST_DATABASE_DSN) REDIS_DSN=$(TEST_REDIS_DSN) AUTH_KEY=$(TEST_AUTH_KEY) $(PY) -m pytest $(PYTEST_ARGS)
+	DATABASE_DSN=$(TEST_DATABASE_DSN) REDIS_DSN=$(TEST_REDIS_DSN) AUTH_KEY=$(TEST_AUTH_KEY) $(PY) -m pytest -p tests.redis_per_worker -n $(MYSQL_WORKERS) $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format --check .

@@ -53,6 +53,9 @@ _SQLITE = DATABASES["default"]["ENGINE"].endswith("sqlite3")
 if _SQLITE:
     dsn.ensure_sqlite_directory(DATABASES["default"]["NAME"])
 REDIS_DSN = dsn.parse_redis(env.string("REDIS_DSN", ""))
+# Pub/sub channels are server-wide, not per database: installations sharing one Redis
+# server on different database numbers must not hear each other's announcements.
+REDIS_CHANNEL_PREFIX = f"gptload:{dsn.redis_database(REDIS_DSN)}:"
 DATA_DIR = BASE_DIR / "data"
 # What this installation keeps on disk besides the database (the generated AUTH_KEY, the
 # embedded broker's queue): beside the SQLite file, else in data/.

@@ -28,7 +28,7 @@ from django.utils import timezone
 from settings_app.models import ChangeScope, ConfigChange, ConfigVersion
 
 log = logging.getLogger("gptload")
-CONFIG_CHANNEL = "gptload:config"
+CONFIG_CHANNEL = settings.REDIS_CHANNEL_PREFIX + "config"
 KEEP_VERSIONS = 5000  # change rows kept; a process further behind rebuilds everything
 # Sent after a change is stored (`versions`: the new version), in the process that made it.
 config_committed = Signal()

@@ -144,3 +144,14 @@ def test_an_uncreatable_sqlite_directory_is_one_clear_error(tmp_path):
         ConfigError, match=r"^DATABASE_DSN: cannot create the directory .*file/sub for SQLite"
     ):
         ensure_sqlite_directory(str(blocker / "sub" / "x.db"))
+
+
+@pytest.mark.parametrize(
+    ("url", "number"),
+    [("redis://127.0.0.1:6379/3", 3), ("redis://:pw@host:6379", 0), ("redis://host/", 0),
+     ("unix:///run/redis.sock?db=5", 5), ("rediss://host:6380/12", 12)],
+)  # fmt: skip
+def test_the_redis_database_number_names_the_pubsub_channels(url, number):
+    from gptload.lib.dsn import redis_database
+
+    assert redis_database(url) == number

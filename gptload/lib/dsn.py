@@ -15,7 +15,7 @@ import re
 import tempfile
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, quote, urlsplit
 
 import dj_database_url
 
@@ -124,6 +124,13 @@ def parse_redis(dsn: str) -> str:
     if scheme != "unix" and not parts.hostname:
         raise ConfigError(REDIS, f"no host in {mask_url(dsn)}")
     return dsn
+
+
+def redis_database(dsn: str) -> int:
+    """The database number a Redis URL selects (`/3` or `?db=3`; 0 when it names none)."""
+    parts = urlsplit(dsn)
+    number = parse_qs(parts.query).get("db", [parts.path.strip("/")])[0]
+    return int(number) if number.isdigit() else 0
 
 
 def mask_url(url: str) -> str:
