@@ -37,5 +37,24 @@ def _quiet_root_warning() -> None:
         warnings.filterwarnings("ignore", category=SecurityWarning)
 
 
+def _beat_dies_with_the_worker() -> None:
+    """`worker --beat` forks beat into a process of its own. The worker dies with `serve`
+    (gptload.lib.lifeline); beat must too, or a killed `serve` leaves a beat behind that
+    keeps sending the periodic jobs beside the next one's."""
+    from celery.signals import beat_init
+
+    from gptload.lib import lifeline
+
+    if not os.environ.get(lifeline.VARIABLE):
+        return  # a beat started on its own (a cluster's `celery beat`): nobody to die with
+    worker = os.getpid()  # this module is imported in the worker, before it forks beat
+
+    @beat_init.connect(weak=False)
+    def hold(**_: object) -> None:
+        if os.getpid() != worker:
+            lifeline.hold_forked(worker)
+
+
 _make_queue_folders()
 _quiet_root_warning()
+_beat_dies_with_the_worker()

@@ -320,7 +320,7 @@ def test_daphne_writes_buffered_log_rows_at_exit(serve, store_env):
 
 def test_no_child_outlives_a_killed_serve(serve):
     """SIGKILL (or the OOM killer) gives serve no chance to stop its children: they go
-    by themselves, the embedded worker and the uvicorn workers alike."""
+    by themselves, the embedded worker (and its beat) and the uvicorn workers alike."""
     port = free_port()
     server = serve(sys.executable, "manage.py", "serve", "--host", "127.0.0.1", "--port",
                    str(port), "--worker", "--workers", "2", env={"AUTH_KEY": ADMIN_KEY},
@@ -332,6 +332,14 @@ def test_no_child_outlives_a_killed_serve(serve):
     kids = children(server.process.pid)
     assert any("celery" in cmd for cmd in kids.values()), kids
     assert len(kids) >= 3, kids  # the worker and two uvicorn workers
+    # ... and the beat the Celery worker forks, which the kernel's death signal does not
+    # reach by inheritance.
+    (worker,) = workers_of(server)
+    while time.monotonic() < deadline and not children(worker):
+        time.sleep(0.2)
+    beat = children(worker)
+    assert beat, "the embedded worker forked no beat"
+    kids |= beat
     server.process.kill()
     server.process.wait()
     deadline = time.monotonic() + 15
@@ -339,6 +347,27 @@ def test_no_child_outlives_a_killed_serve(serve):
         time.sleep(0.2)
     alive = [pid for pid in kids if running(pid)]
     assert not alive, {pid: kids[pid] for pid in alive}
+
+
+def test_a_killed_embedded_worker_takes_its_beat_with_it(serve):
+    """Beat is forked by the Celery worker; a worker that dies without stopping it (killed,
+    or stopped while it was still starting) must not leave it sending the periodic jobs
+    beside the beat of the worker that replaces it."""
+    server = serve()
+    server.wait_ready()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (
+        workers_of(server) and children(min(workers_of(server)))
+    ):
+        time.sleep(0.2)
+    (worker,) = workers_of(server)
+    beat = set(children(worker))
+    assert beat, "the embedded worker forked no beat"
+    os.kill(worker, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(map(running, beat)):
+        time.sleep(0.2)
+    assert not any(map(running, beat))
 
 
 def running(pid: int) -> bool:

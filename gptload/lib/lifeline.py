@@ -27,6 +27,23 @@ def hold(parent: int) -> None:
     """Called early in a child: SIGTERM when `parent` dies (if it is our parent)."""
     if not parent or os.getppid() != parent:
         return  # started by someone else (a worker of a worker): its own parent holds it
+    _ask(parent)
+
+
+def hold_forked(parent: int) -> None:
+    """The same for a process forked (not started) by a held one, which the kernel does
+    not let inherit the request: Celery's embedded beat, forked by the worker.
+
+    `parent` is the forking process's pid as it knew it before the fork; if it is already
+    gone, the child stops at once.
+    """
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    _ask(parent)
+
+
+def _ask(parent: int) -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
