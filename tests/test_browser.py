@@ -119,8 +119,8 @@ def test_an_operators_first_day(page: Any, server: Any, fake: FakeProvider) -> N
     # Find one key by its value, and validate it (the fake provider's model list).
     page.goto("/admin/keys/apikey/")
     page.fill("input[name=q]", keys[123])
-    page.keyboard.press("Enter")
-    page.wait_for_load_state("networkidle")
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
     rows = page.locator("#result_list tbody tr")
     assert rows.count() == 1
     rows.first.locator("input.action-select").check()

@@ -414,7 +414,10 @@ def test_event_interval_spaces_the_events(provider):
                 arrivals.append(time.monotonic())
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert len(gaps) == 3
-    assert all(0.04 <= gap <= 0.2 for gap in gaps), gaps
+    # Paced, not bunched: a late event shortens the next gap on a busy machine, so the
+    # span is checked whole and each gap only loosely.
+    assert 0.14 <= arrivals[-1] - arrivals[0] <= 0.6, gaps
+    assert all(0.02 <= gap <= 0.3 for gap in gaps), gaps
 
 
 def test_first_byte_delay_holds_the_headers(provider):

@@ -353,7 +353,9 @@ def test_a_killed_embedded_worker_takes_its_beat_with_it(serve):
     """Beat is forked by the Celery worker; a worker that dies without stopping it (killed,
     or stopped while it was still starting) must not leave it sending the periodic jobs
     beside the beat of the worker that replaces it."""
-    server = serve()
+    port = free_port()  # --worker: with Redis, serve starts none unless asked
+    server = serve(sys.executable, "manage.py", "serve", "--host", "127.0.0.1", "--port",
+                   str(port), "--worker", port=port)  # fmt: skip
     server.wait_ready()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not (
