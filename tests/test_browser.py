@@ -20,13 +20,17 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import ADMIN_KEY, free_port
+from conftest import ADMIN_KEY, ON_MYSQL, free_port
 from tests.fakeprovider import FakeProvider
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(
-    not shutil.which("chromium"), reason="Debian's chromium is not installed"
-)
+pytestmark = [
+    pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed"),
+    # The browser checks the pages and their scripts, the same on every store; what differs
+    # behind them (Redis channel layer, broker, sessions) is checked by test_console.py and
+    # test_serve.py on both passes. Once is enough for a browser's time.
+    pytest.mark.skipif(ON_MYSQL, reason="the browser runs on the SQLite pass"),
+]
 SHOTS: dict[str, Path] = {}  # where shot() saves: $SCREENSHOTS, or the test's temp dir
 CHAT: Any = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
