@@ -176,17 +176,17 @@ def serve(store_env: dict[str, str]) -> Iterator[object]:
     """Starts `manage.py serve` (or another command) with the store environment; stops it after."""
     servers: list[Server] = []
 
-    def start(*command: str, env: dict[str, str] | None = None, port: int | None = None) -> Server:
+    def start(
+        *command: str,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        worker: bool = False,
+    ) -> Server:
+        """`manage.py serve` unless `command` says otherwise; its embedded Celery worker
+        only if `worker` (a Celery start and stop is seconds of CPU most tests do not use)."""
         port = port or free_port()
-        args = list(command) or [
-            sys.executable,
-            "manage.py",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
+        args = list(command) or [sys.executable, "manage.py", "serve", "--host", "127.0.0.1",
+                                 "--port", str(port), "--worker" if worker else "--no-worker"]  # fmt: skip
         server = Server(args, {**store_env, **(env or {})}, port)
         servers.append(server)
         return server

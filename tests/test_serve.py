@@ -21,7 +21,7 @@ from tests.fakeprovider import Behaviour, FakeProvider
 
 
 def test_serve_answers_health_and_the_admin_and_stops_on_sigterm(serve):
-    server = serve()
+    server = serve(worker=True)  # as `make run`: the stop includes its worker
     server.wait_ready()
     health = httpx.get(server.url + "/health")
     assert health.status_code == 200
@@ -40,7 +40,7 @@ def test_serve_answers_health_and_the_admin_and_stops_on_sigterm(serve):
 
 
 def test_serve_stops_on_ctrl_c(serve):
-    server = serve()
+    server = serve(worker=True)
     server.wait_ready()
     server.process.send_signal(signal.SIGINT)
     assert server.process.wait(15) == 0
