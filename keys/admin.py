@@ -31,7 +31,7 @@ from unfold.decorators import action, display
 
 from gptload.lib.adminsecrets import SecretFieldsForm
 from gptload.lib.crypto import DecryptionError, current_cipher
-from gptload.lib.paging import InfinitePaginator
+from gptload.lib.paging import Keyset, SeekPaging
 from gptload.lib.providers import PROVIDERS
 from gptload.lib.secrets import mask
 from keys import checker, groups, jobs, services
@@ -402,7 +402,7 @@ class ImportForm(forms.Form):
 
 
 @admin.register(APIKey)
-class APIKeyAdmin(ModelAdmin):
+class APIKeyAdmin(SeekPaging, ModelAdmin):
     list_display = ["key_shown", "group", "status_shown", "reason_shown", "cooling_until",
                     "request_count", "failure_count", "last_used_at", "notes"]  # fmt: skip
     list_filter = [("group", RelatedDropdownFilter), ("status", ChoicesRadioFilter)]
@@ -411,8 +411,8 @@ class APIKeyAdmin(ModelAdmin):
     list_per_page = 50
     search_fields = ["notes"]
     search_help_text = _("Paste a whole key to find it in every group, or search the notes.")
-    paginator = InfinitePaginator  # no COUNT(*) over 100k keys per page
-    show_full_result_count = False
+    # No COUNT(*) over a million keys per page; "next" seeks on (last used, id).
+    keyset = Keyset("last_used_at")
     # The secret itself never appears on a page; it is set through an import or the API.
     exclude = ["key_value", "key_hash"]
     readonly_fields = ["key_shown", "group", "status_changed_at", "last_used_at", "request_count",

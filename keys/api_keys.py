@@ -36,6 +36,7 @@ from gptload.lib.api import (
     paginate,
 )
 from gptload.lib.crypto import DecryptionError, current_cipher
+from gptload.lib.paging import Keyset
 from keys import checker, jobs, services
 from keys.models import APIKey, Group, JobKind, KeyJob, KeyStatus
 
@@ -44,6 +45,7 @@ tasks_router = Router(tags=["tasks"])
 TEST_LIMIT = 500  # keys per synchronous test call
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 UNDECRYPTABLE = "failed-to-decrypt"  # GPT-Load's marker
+KEY_ORDER = Keyset("last_used_at")  # GPT-Load's order, served by the apikey_group_last_used index
 StatusName = Literal["active", "cooling", "invalid", "disabled"]
 ExportStatus = Literal["all", "active", "cooling", "invalid", "disabled"]
 NOT_QUEUED: dict[str, Any] = {"responses": {503: {
@@ -186,16 +188,19 @@ class KeyFilters(Schema):
 def list_keys(
     request: HttpRequest, filters: Query[KeyFilters], pages: Query[PageQuery]
 ) -> dict[str, Any]:
-    """A group's keys, most recently used first, in plaintext for the admin
-    (`failed-to-decrypt` when ENCRYPTION_KEY does not open one)."""
+    """A group's keys, most recently used first (never used last, newest first), in
+    plaintext for the admin (`failed-to-decrypt` when ENCRYPTION_KEY does not open one).
+
+    Page by `page`, or follow `next_cursor` (as quick at any depth). A key used meanwhile
+    moves to the front, so a walk may miss a key used during it; `/api/keys/export`
+    lists every key once."""
     group = _group(filters.group_id)
     rows = APIKey.objects.filter(group=group)
     if filters.status:
         rows = rows.filter(status=filters.status)
     if filters.key_value:
         rows = rows.filter(key_hash=current_cipher().hash(filters.key_value.strip()))
-    rows = rows.order_by("-last_used_at", "-id")
-    return ok(paginate(rows, pages.page, pages.page_size, _plaintext_rows))
+    return ok(paginate(rows, pages, KEY_ORDER, _plaintext_rows))
 
 
 def _plaintext_rows(rows: Iterable[APIKey]) -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ from unfold.decorators import action, display
 from unfold.utils import parse_datetime_str
 
 from gptload.lib.crypto import DecryptionError, current_cipher
-from gptload.lib.paging import InfinitePaginator
+from gptload.lib.paging import Keyset, SeekPaging
 from gptload.lib.secrets import mask
 from keys.models import Group, GroupType
 from logs.models import HourlyStat, RequestLog
@@ -38,11 +38,9 @@ EXPORT_LIMIT = 100_000  # rows in one CSV export
 CSV_BATCH = 2000
 
 
-class ReadOnlyAdmin(ModelAdmin):
-    """Rows written by the gateway itself: viewable, never edited by hand."""
-
-    show_full_result_count = False
-    paginator = InfinitePaginator  # no COUNT(*) over millions of rows per page
+class ReadOnlyAdmin(SeekPaging, ModelAdmin):
+    """Rows written by the gateway itself: viewable, never edited by hand; never counted
+    (millions of rows), their "next" a seek on the list's order."""
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -148,6 +146,7 @@ class RequestLogAdmin(ReadOnlyAdmin):
     list_per_page = 50  # a page's rendering, not the database, is most of its time
     search_fields = ()
     ordering = ["-timestamp"]
+    keyset = Keyset("timestamp")
     exclude = ["key_value", "key_hash"]
     readonly_fields = ["key_shown"]
     actions_list = ["export_csv"]
@@ -233,3 +232,4 @@ class HourlyStatAdmin(ReadOnlyAdmin):
     list_filter = [("time", TimeRangeFilter)]
     list_filter_submit = True
     ordering = ["-time"]
+    keyset = Keyset("time")

@@ -39,6 +39,7 @@ from gptload.lib.api import (
     paginate,
 )
 from gptload.lib.crypto import Cipher, DecryptionError, current_cipher
+from gptload.lib.paging import Keyset
 from gptload.lib.secrets import mask
 from keys.api_groups import KeyStatsOut, get_group
 from keys.models import APIKey, Group
@@ -49,6 +50,7 @@ from logs.stats import group_stats as stats_of_group
 router = Router(tags=["logs"])
 UNDECRYPTABLE = "failed-to-decrypt"
 EXPORT_BATCH = 1000
+LOG_ORDER = Keyset("timestamp")  # newest first; ties by id (the log_time index holds it)
 # "+08:00" in an unencoded query string arrives as " 08:00"; put the plus sign back.
 SPACED_OFFSET = re.compile(r" (\d{2}(?::?\d{2})?)$")
 
@@ -188,9 +190,10 @@ def list_logs(
     request: HttpRequest, filters: Query[LogFilters], pages: Query[PageQuery]
 ) -> dict[str, Any]:
     """Request logs, newest first, one row per upstream attempt, with the key masked
-    (`sk-a…wxyz`; filter by the whole key with `key_value`). `page_size` is at most 1000."""
-    rows = filtered_logs(filters).order_by("-timestamp")
-    return ok(paginate(rows, pages.page, pages.page_size, log_rows))
+    (`sk-a…wxyz`; filter by the whole key with `key_value`). `page_size` is at most 1000.
+    Page by `page`, or follow `next_cursor`: a seek, as quick at any depth, and rows
+    written meanwhile never shift a walk (each row comes once)."""
+    return ok(paginate(filtered_logs(filters), pages, LOG_ORDER, log_rows))
 
 
 def latest_per_key(rows: QuerySet[RequestLog], after: str) -> tuple[str, list[tuple[str, ...]]]:

@@ -82,7 +82,8 @@ def test_the_list_shows_plaintext_keys_most_recently_used_first(admin_api, group
     assert [item["key_value"] for item in page["items"]] == [
         "sk-recent-0123456789", "sk-old-0123456789", "sk-never-0123456789",
     ]  # fmt: skip
-    assert page["pagination"] == {"page": 1, "page_size": 15, "total_items": 3, "total_pages": 1}
+    assert page["pagination"] == {"page": 1, "page_size": 15, "total_items": 3, "total_pages": 1,
+                                  "total_exact": True, "next_cursor": None}  # fmt: skip
     item = page["items"][2]
     assert item["notes"] == "spare"
     assert item["status"] == "active"
@@ -112,7 +113,13 @@ def test_the_list_pages(admin_api, group):
         "sk-page-02-0123456789",
         "sk-page-01-0123456789",
     ]
-    assert page["pagination"] == {"page": 2, "page_size": 2, "total_items": 5, "total_pages": 3}
+    cursor = page["pagination"].pop("next_cursor")
+    assert page["pagination"] == {"page": 2, "page_size": 2, "total_items": 5, "total_pages": 3,
+                                  "total_exact": True}  # fmt: skip
+    # The cursor of page 2 continues where page 3 starts.
+    after = admin_api.data(admin_api.get(f"/keys?group_id={group.pk}&page_size=2&cursor={cursor}"))
+    assert [i["key_value"] for i in after["items"]] == ["sk-page-00-0123456789"]
+    assert (after["pagination"]["page"], after["pagination"]["next_cursor"]) == (None, None)
 
 
 def test_a_page_past_the_end_is_empty_however_far(admin_api, group):
@@ -120,7 +127,8 @@ def test_a_page_past_the_end_is_empty_however_far(admin_api, group):
     # 2^63 rows in: an OFFSET no database takes (SQLite answered "datatype mismatch").
     page = admin_api.data(admin_api.get(f"/keys?group_id={group.pk}&page={2**63}&page_size=1000"))
     assert page == {"items": [], "pagination": {"page": 2**63, "page_size": 1000,
-                                                "total_items": 1, "total_pages": 1}}  # fmt: skip
+                                                "total_items": 1, "total_pages": 1,
+                                                "total_exact": True, "next_cursor": None}}  # fmt: skip
 
 
 @pytest.mark.parametrize(
