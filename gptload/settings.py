@@ -9,7 +9,6 @@ live in the database: see `settings_app.registry`.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 
@@ -36,6 +35,15 @@ SERVER_GRACEFUL_SHUTDOWN_TIMEOUT = env.integer("SERVER_GRACEFUL_SHUTDOWN_TIMEOUT
 WEB_CONCURRENCY = env.integer("WEB_CONCURRENCY", 1, minimum=1, maximum=64)
 IS_SLAVE = env.boolean("IS_SLAVE", False)
 MAX_CONCURRENT_REQUESTS = env.integer("MAX_CONCURRENT_REQUESTS", 100, minimum=1)
+# The largest request body /proxy/ accepts, in MiB (413 in the provider's shape above it):
+# room for several large images in one vision request.
+MAX_REQUEST_BODY_MB = env.integer("MAX_REQUEST_BODY_MB", 64, minimum=1, maximum=4096)
+MAX_REQUEST_BODY = MAX_REQUEST_BODY_MB * 1024 * 1024
+# Addresses whose X-Forwarded-For / X-Forwarded-Proto are believed (a reverse proxy in
+# front): comma-separated IPs or networks, or * (any: only when nothing else can reach the
+# port). Anyone else's are ignored, so a client cannot forge the address that is logged
+# and rate limited.
+FORWARDED_ALLOW_IPS = env.string("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
 # The address clients reach gptload at (behind a reverse proxy, say), for the endpoints
 # that commands and the admin print; else http://HOST:PORT.
 PUBLIC_URL = env.string("PUBLIC_URL", "").rstrip("/")
@@ -72,9 +80,11 @@ if not AUTH_KEY:
     AUTH_KEY_FILE = STATE_DIR / "auth_key"
     AUTH_KEY, _generated = stored_secret(AUTH_KEY_FILE, "sk-")
 ENCRYPTION_KEY = env.string("ENCRYPTION_KEY", "")
-# Django's own signing key (sessions, CSRF) is derived from the operator's secrets so that
-# every node of a cluster agrees on it without one more variable to set.
-SECRET_KEY = hashlib.sha256(f"gptload:{AUTH_KEY}:{ENCRYPTION_KEY}".encode()).hexdigest()
+# Django's own signing key (sessions, CSRF, password resets): a secret of its own, never
+# derived from AUTH_KEY (a weak AUTH_KEY must not make sessions forgeable). Unset: made at
+# first boot and kept in STATE_DIR/secret_key (0600). A cluster sets the same one on
+# every node, or a session signed by one node is refused by the others.
+SECRET_KEY = env.string("SECRET_KEY") or stored_secret(STATE_DIR / "secret_key")[0]
 
 if REDIS_DSN:
     CACHES = {
@@ -101,6 +111,13 @@ if ENABLE_CORS and not ALLOWED_ORIGINS:
     raise ConfigError(
         "ALLOWED_ORIGINS", "ENABLE_CORS is on but no origin is allowed (use * or a list)"
     )
+if ENABLE_CORS and ALLOW_CREDENTIALS and "*" in ALLOWED_ORIGINS:
+    # Every site's scripts could then call with the visitor's cookies: the browser would
+    # refuse `*` with credentials, and the only way round is echoing any origin.
+    raise ConfigError(
+        "ALLOW_CREDENTIALS", "cannot be combined with ALLOWED_ORIGINS=*: list the origins "
+        "allowed to send credentials, or turn ALLOW_CREDENTIALS off"
+    )  # fmt: skip
 CORS_ALLOW_ALL_ORIGINS = "*" in ALLOWED_ORIGINS
 CORS_ALLOWED_ORIGINS = [o for o in ALLOWED_ORIGINS if o != "*"]
 CORS_ALLOW_METHODS = ALLOWED_METHODS
@@ -213,6 +230,15 @@ STATIC_URL = "static/"
 STATIC_ROOT = env.string("STATIC_ROOT") or None
 SERVESTATIC_USE_FINDERS = STATIC_ROOT is None
 SECURE_CONTENT_TYPE_NOSNIFF = True
+# Behind HTTPS: cookies sent over HTTPS only, and browsers told to use nothing else.
+SECURE_COOKIES = env.boolean("SECURE_COOKIES", False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = SECURE_COOKIES
+SESSION_COOKIE_HTTPONLY = True
+HSTS_SECONDS = env.integer("HSTS_SECONDS", 0, minimum=0)
+SECURE_HSTS_SECONDS = HSTS_SECONDS
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.boolean("HSTS_INCLUDE_SUBDOMAINS", False)
+# HSTS goes out on HTTPS requests only: behind a TLS-terminating proxy, uvicorn takes the
+# scheme from X-Forwarded-Proto when the proxy is in FORWARDED_ALLOW_IPS.
 SECURE_REFERRER_POLICY = "strict-origin-when-cross-origin"
 X_FRAME_OPTIONS = "SAMEORIGIN"
 
