@@ -29,6 +29,8 @@ import itertools
 import json
 import re
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
@@ -87,6 +89,7 @@ __all__ = [
     "EMBEDDING_DIMENSIONS",
     "GEMINI_MODELS",
     "INVALID_KEY_MESSAGE",
+    "MALFORMED_EVENTS",
     "OPENAI_MODELS",
     "PROMPT_TOKENS",
     "TOTAL_TOKENS",
@@ -105,6 +108,15 @@ __all__ = [
 
 DEFAULT_MODEL = "fake-model"
 
+# What `Behaviour.malformed_sse` sends first: JSON cut short (once where a usage reader
+# looks), a line that names no field, and bytes that are not UTF-8.
+MALFORMED_EVENTS = (
+    b'data: {"choices": [{"index": 0, "delta": {"content": "x\n\n',
+    b'data: {"usage": {"prompt_tokens": 3, "completion_tokens"\n\n',
+    b"this line names no field\n\n",
+    b"data: \xff\xfe\xfd not utf-8\n\n",
+)
+
 KeySource = Literal["authorization", "x-api-key", "x-goog-api-key", "query"]
 
 
@@ -121,6 +133,14 @@ class Behaviour:
     - `drop_after=N` closes the connection right after a stream's N-th content chunk
       (0: after the headers and any preamble events; N == `events`: before the closing
       events; more: never). On a non-stream request it closes the connection unanswered.
+    - `reset` makes every cut a TCP reset (RST) rather than a clean close; alone, it
+      resets the connection before anything is sent (after `first_byte_delay`).
+    - `cut_body` sends a plain (non-stream) answer's headers and the first half of its
+      body, then closes the connection; `body_delay` instead waits that many seconds
+      there before sending the rest.
+    - `malformed_sse` opens an event stream with events no parser can read (JSON cut
+      short, one mentioning usage; a line with no field name; bytes that are not
+      UTF-8), `MALFORMED_EVENTS`, before its usual events, which follow unchanged.
     - `invalid_key_message` answers 400 "API key not valid…", as Gemini does for bad keys,
       in the provider's error shape.
     - `compress=False` answers uncompressed whatever the client accepts, like an upstream
@@ -149,6 +169,10 @@ class Behaviour:
     codings: tuple[Coding, ...] = CODINGS
     tail_delay: float = 0
     ratelimit_headers: bool = False
+    reset: bool = False
+    cut_body: bool = False
+    body_delay: float = 0
+    malformed_sse: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.codings) - set(CODINGS)
@@ -222,6 +246,7 @@ class FakeProvider(BackgroundServer):
         self._behaviours: dict[str, Behaviour] = {}
         self._default = Behaviour()
         self._disconnects = 0
+        self._in_progress = 0
         self._count = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -336,6 +361,12 @@ class FakeProvider(BackgroundServer):
         with self._changed:
             return self._disconnects
 
+    @property
+    def in_progress(self) -> int:
+        """How many requests are being answered right now (their handler still runs)."""
+        with self._changed:
+            return self._in_progress
+
     def clear(self) -> None:
         """Forgets the requests received and the disconnect count."""
         with self._changed:
@@ -416,6 +447,8 @@ class FakeProvider(BackgroundServer):
             started=time.monotonic(),
         )
         self._note(received)
+        with self._changed:
+            self._in_progress += 1
         behaviour = self.behaviour_for(key)
         call = Call(
             request,
@@ -435,12 +468,23 @@ class FakeProvider(BackgroundServer):
             call.client_left()
             raise
         finally:
+            with self._changed:
+                self._in_progress -= 1
             self._note_change()
 
     async def _answer(self, call: Call, answer: Answer | None) -> web.StreamResponse:
+        response = await self._reply(call, answer)
+        behaviour = call.behaviour
+        if (behaviour.cut_body or behaviour.body_delay) and isinstance(response, web.Response):
+            return await call.in_halves(response)
+        return response
+
+    async def _reply(self, call: Call, answer: Answer | None) -> web.StreamResponse:
         behaviour = call.behaviour
         if behaviour.first_byte_delay:
             await asyncio.sleep(behaviour.first_byte_delay)
+        if behaviour.reset and behaviour.drop_after is None and not behaviour.cut_body:
+            return call.drop(web.StreamResponse())
         if answer is None:
             return call.error(404, f"Invalid URL ({call.request.method} {call.request.path})")
         if call.received.key is None and self.require_key:
@@ -549,11 +593,41 @@ class Call:
         return self.error(401, "You didn't provide an API key.")
 
     def drop(self, response: web.StreamResponse) -> web.StreamResponse:
-        """Closes the connection mid-answer; aiohttp then fails quietly to finish it."""
+        """Closes the connection mid-answer (resets it, with `reset`); aiohttp then fails
+        quietly to finish it."""
         self.received.dropped = True
-        if self.request.transport is not None:
+        transport = self.request.transport
+        if transport is None:
+            return response
+        if self.behaviour.reset:
+            # Linger 0: close() sends RST at once, and what was not yet sent is lost.
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
+        else:
             # close(), not abort(): the events already written still reach the client.
-            self.request.transport.close()
+            transport.close()
+        return response
+
+    async def in_halves(self, whole: web.Response) -> web.StreamResponse:
+        """Sends `whole`'s headers and the first half of its body, then closes the
+        connection (`cut_body`) or waits `body_delay` before the rest."""
+        body = bytes(whole.body) if isinstance(whole.body, bytes | bytearray) else b""
+        response = web.StreamResponse(status=whole.status, reason=whole.reason,
+                                      headers=whole.headers)  # fmt: skip
+        response.content_length = len(body)
+        half = len(body) // 2
+        try:
+            await response.prepare(self.request)
+            await response.write(body[:half])
+            if self.behaviour.cut_body:
+                return self.drop(response)
+            await asyncio.sleep(self.behaviour.body_delay)
+            await response.write(body[half:])
+            await response.write_eof()
+        except ConnectionError:
+            self.client_left()
         return response
 
     def client_left(self) -> None:
@@ -577,6 +651,8 @@ class Call:
         response.headers["Cache-Control"] = "no-cache"
         self.received.status = behaviour.status
         coder = self.encoder()
+        if behaviour.malformed_sse and content_type == "text/event-stream":
+            frames = itertools.chain(((event, False) for event in MALFORMED_EVENTS), frames)
         try:
             await response.prepare(self.request)
             sent = 0

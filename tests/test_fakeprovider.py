@@ -6,8 +6,10 @@ import itertools
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -32,6 +34,7 @@ from tests.fakeprovider import (
     COMPLETION_TOKENS,
     GEMINI_MODELS,
     INVALID_KEY_MESSAGE,
+    MALFORMED_EVENTS,
     OPENAI_MODELS,
     PROMPT_TOKENS,
     TOTAL_TOKENS,
@@ -403,6 +406,82 @@ def test_drop_after_on_a_plain_request_closes_without_an_answer(provider):
     provider.behave("k", Behaviour(drop_after=0))
     with pytest.raises(httpx.RemoteProtocolError):
         httpx.post(provider.url + "/v1/messages", json={}, headers={"x-api-key": "k"})
+
+
+def test_reset_alone_resets_the_connection_before_anything_is_sent(provider):
+    provider.behave("k", Behaviour(reset=True))
+    with pytest.raises(httpx.ReadError, match="reset"):
+        post_chat(provider, json={})
+    (received,) = provider.requests
+    assert (received.dropped, received.status, received.finished) == (True, None, False)
+
+
+def test_reset_with_drop_after_resets_the_stream_at_the_cut(provider):
+    provider.behave("k", Behaviour(drop_after=1, event_interval=0.05, reset=True,
+                                   compress=False))  # fmt: skip
+    lines: list[str] = []
+    with pytest.raises(httpx.ReadError), stream_post(provider) as response:
+        lines.extend(response.iter_lines())
+    (received,) = provider.requests
+    assert (received.dropped, received.events_sent) == (True, 1)
+    assert len(sse_data(lines)) <= 1  # a reset may lose what was not yet read
+
+
+def test_cut_body_sends_half_a_plain_answer_then_closes(provider):
+    provider.behave("k", Behaviour(cut_body=True, compress=False))
+    with socket.create_connection(("127.0.0.1", provider.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: f\r\n"
+                     b"Authorization: Bearer k\r\nContent-Length: 2\r\n\r\n{}")  # fmt: skip
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])  # type: ignore[index]
+    assert head.startswith(b"HTTP/1.1 200")
+    assert len(body) == length // 2
+    assert provider.requests[0].dropped
+
+
+def test_body_delay_holds_a_plain_answer_halfway(provider):
+    provider.behave("k", Behaviour(body_delay=0.3))
+    with httpx.stream("POST", provider.url + CHAT, json={}, headers=bearer("k")) as response:
+        began = time.monotonic()
+        assert response.status_code == 200
+        body = response.read()
+        assert time.monotonic() - began >= 0.25  # the headers came a moment before the wait
+    assert json.loads(body)["choices"][0]["message"]["content"] == full_text()
+    assert provider.requests[0].finished
+
+
+def test_a_client_leaving_during_the_body_delay_is_recorded(provider):
+    provider.behave("k", Behaviour(body_delay=5))
+    with httpx.stream("POST", provider.url + CHAT, json={}, headers=bearer("k")) as response:
+        assert response.status_code == 200
+    assert provider.wait_for_disconnects(1, timeout=2)
+    assert provider.wait_until(lambda: provider.in_progress == 0, timeout=2)
+
+
+def test_malformed_sse_opens_the_stream_with_unreadable_events(provider):
+    provider.behave("k", Behaviour(malformed_sse=True, compress=False))
+    with stream_post(provider, body={"stream": True}) as response:
+        raw = response.read()
+    assert raw.startswith(b"".join(MALFORMED_EVENTS))
+    assert raw.endswith(b"data: [DONE]\n\n")  # the usual events follow
+    with pytest.raises(json.JSONDecodeError):  # the SDK cannot read it
+        list(openai_client(provider, "k").chat.completions.create(model="m", messages=[],
+                                                                  stream=True))  # fmt: skip
+
+
+def test_in_progress_counts_the_requests_being_answered(provider):
+    provider.behave("k", Behaviour(first_byte_delay=0.3))
+    assert provider.in_progress == 0
+    with httpx.Client() as client:
+        pending = threading.Thread(target=post_chat, args=(provider,), kwargs={"json": {}})
+        pending.start()
+        assert provider.wait_until(lambda: provider.in_progress == 1, timeout=2)
+        pending.join()
+        client.close()
+    assert provider.wait_until(lambda: provider.in_progress == 0, timeout=2)
 
 
 def test_event_interval_spaces_the_events(provider):
