@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging.config
 import os
 import warnings
 
@@ -55,6 +56,41 @@ def _beat_dies_with_the_worker() -> None:
             lifeline.hold_forked(worker)
 
 
+def _logging_as_configured() -> None:
+    """The worker and beat log as the web server does: Django's `LOGGING` (LOG_FORMAT,
+    LOG_FILE_PATH) at Celery's `--loglevel`. Left alone, Celery would replace the root
+    logger's handlers with its own plain-text one (no JSON, no log file)."""
+    from celery.signals import setup_logging
+
+    @setup_logging.connect(weak=False)
+    def configure(loglevel: int | str | None = None, **_: object) -> None:
+        from django.conf import settings
+
+        logging.config.dictConfig(settings.LOGGING)
+        if loglevel:
+            logging.getLogger().setLevel(loglevel)
+
+
+def _worker_heartbeat() -> None:
+    """A ready worker notes it is alive every half minute (gptload.lib.heartbeat); beat
+    notes it from its scheduler (gptload.beat)."""
+    from celery.signals import worker_ready, worker_shutdown
+
+    from gptload.lib.heartbeat import WORKER, Pulse
+
+    pulse = Pulse(WORKER)
+
+    @worker_ready.connect(weak=False)
+    def start(**_: object) -> None:
+        pulse.start()
+
+    @worker_shutdown.connect(weak=False)
+    def stop(**_: object) -> None:
+        pulse.stop()
+
+
 _make_queue_folders()
 _quiet_root_warning()
 _beat_dies_with_the_worker()
+_logging_as_configured()
+_worker_heartbeat()

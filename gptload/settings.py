@@ -141,6 +141,13 @@ if LOG_ENABLE_FILE:
         ) from None
 LOGGING = build_logging(LOG_LEVEL, LOG_FORMAT, LOG_FILE_PATH if LOG_ENABLE_FILE else None)
 
+# --- metrics (/metrics) ---
+# Where prometheus_client keeps each web worker's values so that any worker's answer sums
+# them all (read by prometheus_client itself, mirrored here). `serve` sets it to a fresh
+# directory under STATE_DIR/metrics when it starts more than one worker; set it yourself
+# (an empty directory, emptied before each start) to run several workers without `serve`.
+PROMETHEUS_MULTIPROC_DIR = env.string("PROMETHEUS_MULTIPROC_DIR", "")
+
 # --- time ---
 TIME_ZONE = env.timezone("TZ", "UTC")
 USE_TZ = True
@@ -182,6 +189,7 @@ INSTALLED_APPS = [
     "proxy",
 ]
 MIDDLEWARE = [
+    "gptload.lib.apierrors.api_errors",  # first: every /api/ error in the API's shape, 405 included
     "django.middleware.security.SecurityMiddleware",
     "servestatic.middleware.ServeStaticMiddleware",
     *(["corsheaders.middleware.CorsMiddleware"] if ENABLE_CORS else []),
@@ -267,7 +275,8 @@ CELERY_BROKER_TRANSPORT_OPTIONS = (
 CELERY_RESULT_BACKEND = None
 CELERY_TIMEZONE = TIME_ZONE
 CELERY_TASK_IGNORE_RESULT = True
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# django-celery-beat's database scheduler, noting beat's heartbeat as it turns.
+CELERY_BEAT_SCHEDULER = "gptload.beat:Scheduler"
 # Beat stores each schedule's "last run" as it sends the task (not every 3 minutes), so the
 # console's Schedules page is current; a few small writes a minute.
 CELERY_BEAT_SYNC_EVERY = 1

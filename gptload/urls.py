@@ -6,8 +6,9 @@ from django.urls import include, path, re_path
 from django.views.generic import RedirectView
 
 from gptload import api_system
-from gptload.health import health
+from gptload.health import health, ready
 from gptload.lib.api import api, unknown_path
+from gptload.metrics import scrape
 from keys import api_groups, api_keys
 from logs import api as logs_api
 from proxy.api import api as proxy_api
@@ -26,6 +27,8 @@ api.add_router("/settings", settings_api.router)
 
 urlpatterns = [
     path("health", health, name="health"),
+    path("health/ready", ready, name="ready"),
+    path("metrics", scrape, name="metrics"),
     path("admin/", admin.site.urls),
     path("i18n/", include("django.conf.urls.i18n")),  # the console's language switcher
     path("proxy/", proxy_api.urls),

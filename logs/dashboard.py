@@ -6,13 +6,14 @@ log table, so that they cost the same at 10 M rows as at 10.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db.models import Count, Q, QuerySet, Sum
 from django.utils import timezone
 
+from gptload.lib import heartbeat
 from gptload.lib.secrets import constant_time_in, weakness
 from keys.models import APIKey, Group, GroupType, KeyStatus
 from logs import live
@@ -266,19 +267,28 @@ def live_figures() -> dict[str, Any]:
             "hour": {"ok": hour_ok, "failed": hour_failed}}  # fmt: skip
 
 
-def operations_warnings() -> list[dict[str, str]]:
-    """The background worker and beat, judged by the every-minute job's last run."""
-    from django_celery_beat.models import PeriodicTask
+OPERATIONS = {
+    heartbeat.WORKER: ("No Celery worker has been heard from lately ({seen}): key imports, "
+                       "validations and log pruning are not running.",
+                       "Start one: make run (no Redis) starts one with serve; in a cluster run "
+                       "`celery -A gptload worker`."),
+    heartbeat.BEAT: ("Celery beat has not been heard from lately ({seen}): validations, "
+                     "cooling expiry and log pruning are not being scheduled.",
+                     "Run exactly one `celery -A gptload beat` in the cluster (the worker "
+                     "make run starts includes it)."),
+}  # fmt: skip
 
-    task = PeriodicTask.objects.filter(task="keys.tasks.expire_cooling", enabled=True).first()
-    if task is None:
-        return []
-    last = task.last_run_at
-    if last is None or timezone.now() - last > timedelta(minutes=5):
-        seen = f"last seen {timezone.localtime(last):%Y-%m-%d %H:%M}" if last else "never seen"
-        return [{"type": "worker", "severity": "high", "message":
-                 f"No Celery worker with beat has run the every-minute job lately ({seen}): "
-                 "imports, validations and log pruning are not running.",
-                 "suggestion": "Start the worker (make run starts one; in a cluster run "
-                 "`celery -A gptload worker` and exactly one `celery -A gptload beat`)."}]  # fmt: skip
-    return []
+
+def operations_warnings() -> list[dict[str, str]]:
+    """A Celery worker or beat not heard from lately (`gptload.lib.heartbeat`, which
+    `/health/ready` reads too)."""
+    warnings = []
+    for role, seen in heartbeat.background().items():
+        if seen.alive:
+            continue
+        when = datetime.fromtimestamp(seen.at, UTC) if seen.at is not None else None
+        shown = f"last seen {timezone.localtime(when):%Y-%m-%d %H:%M}" if when else "never seen"
+        message, suggestion = OPERATIONS[role]
+        warnings.append({"type": role, "severity": "high",
+                         "message": message.format(seen=shown), "suggestion": suggestion})  # fmt: skip
+    return warnings

@@ -37,7 +37,7 @@ from gptload.lib.providers.openai import OpenAIProvider
 from gptload.lib.secrets import mask_in
 from keys.states import DEFAULT_COOLDOWN, KeyEntry, Verdict, classify, cooldown_of, key_states
 from logs.writer import LogEntry
-from proxy import modellist
+from proxy import metrics, modellist
 from proxy.recorder import recorder
 from proxy.runtime import runtime
 from proxy.snapshot import GroupView, Snapshot, digest
@@ -213,7 +213,17 @@ class Call:
         if self.held is not None:
             self.held.final = final
             recorder.record(self.held)
+            if final:
+                self.measure(self.held)
+            else:
+                metrics.tally.retried(self.entry.name if self.entry else self.held.group_name)
             self.held = None
+
+    def measure(self, entry: LogEntry) -> None:
+        """Counts the request's end in the metrics, by the group named in its URL."""
+        group = self.entry
+        name, channel = (group.name, group.channel) if group else (entry.group_name, "")
+        metrics.tally.ended(name, channel, entry, time.perf_counter() - self.started)
 
     def overhead_ms(self) -> float:
         return max(0.0, (time.perf_counter() - self.started - self.waited) * 1000)
@@ -325,6 +335,9 @@ async def proxy(request: HttpRequest, group_name: str, path: str) -> HttpRespons
             limiter.leave()
     overhead = call.overhead_ms() if call else (time.perf_counter() - started) * 1000
     response.raw_headers.append((b"x-gptload-overhead-ms", f"{overhead:.2f}".encode()))
+    metrics.tally.spent(overhead / 1000)
+    if call is None or call.entry is None:  # refused before a group: no attempt counted it
+        metrics.tally.refused(response.status_code)
     return response
 
 
@@ -437,6 +450,7 @@ class Attempt:
             call.held = entry
         else:
             recorder.record(entry)
+            call.measure(entry)
 
 
 def choose(call: Call, at: float) -> tuple[Target, KeyEntry] | None:

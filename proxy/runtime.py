@@ -36,6 +36,7 @@ from gptload.lib.lifespan import Service, register
 from gptload.lib.upstream import OutboundProxy, outbound_proxy, upstream_session
 from keys.states import KEYS_CHANNEL, from_other_node, key_states, write_states
 from logs import live
+from proxy import metrics
 from proxy import snapshot as snapshots
 from proxy.recorder import recorder
 from proxy.snapshot import ClientSettings, GroupView, Snapshot
@@ -96,7 +97,10 @@ class Runtime:
         with self._lock:
             if self.snapshot is None:
                 version, _ = changes_since(0)
-                self.install(snapshots.build(version), whole=True)
+                started = time.perf_counter()
+                built = snapshots.build(version)
+                metrics.snapshot_build.labels("whole").observe(time.perf_counter() - started)
+                self.install(built, whole=True)
             return self.current_or_fail()
 
     def install(self, snapshot: Snapshot, *, whole: bool = False) -> None:
@@ -126,6 +130,9 @@ class Runtime:
                 built = snapshots.build(version, current)
             else:
                 built = snapshots.apply(current, version, changes)
+            metrics.snapshot_build.labels("whole" if changes is None else "changes").observe(
+                time.perf_counter() - started
+            )
             self.install(built, whole=whole)
         log.debug("snapshot v%d installed in %.1f ms (%s)", version,
                   (time.perf_counter() - started) * 1000, changes or "everything")  # fmt: skip
@@ -185,6 +192,7 @@ class Runtime:
         while True:
             await asyncio.sleep(POLL_SECONDS)
             try:
+                metrics.tally.flush()
                 await self.flush_keys()
                 if key_states.redis is not None:
                     await live.counters.push(key_states.redis)
@@ -253,6 +261,7 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
+        metrics.tally.flush()
         await self.flush_keys()
         await recorder.stop()
         for upstream in self.upstreams.values():

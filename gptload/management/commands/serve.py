@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from django.db import DatabaseError, connection
 from gptload.lib import lifeline
 from gptload.lib.dsn import describe_database, mask_url
 from gptload.lib.secrets import weakness
+from gptload.metrics import running
 from gptload.worker import WorkerSupervisor
 
 
@@ -67,6 +69,11 @@ class Command(BaseCommand):
         os.environ.update(lifeline.child_env({}), PORT=str(options["port"]),
                           HOST=options["host"])  # fmt: skip
         settings.PORT, settings.HOST = options["port"], options["host"]
+        # Several workers share their metrics through files (see gptload.metrics); one
+        # serves in this process and keeps them in memory.
+        metrics_folder = fresh_metrics_folder() if options["workers"] > 1 else None
+        if metrics_folder is not None:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_folder)
         embedded = options["worker"]
         if embedded is None:
             embedded = not settings.REDIS_DSN and not settings.IS_SLAVE
@@ -83,6 +90,8 @@ class Command(BaseCommand):
         finally:
             if supervisor is not None:
                 supervisor.stop()
+            if metrics_folder is not None:
+                shutil.rmtree(metrics_folder, ignore_errors=True)
 
     def serve(self, options: dict[str, Any]) -> None:
         uvicorn.run(
@@ -100,6 +109,20 @@ class Command(BaseCommand):
             proxy_headers=True,
             forwarded_allow_ips="*",
         )
+
+
+def fresh_metrics_folder() -> Path:
+    """An empty directory for this start's metric files, `STATE_DIR/metrics/<pid>`; those
+    of earlier starts that are gone (killed before they could remove theirs) are removed."""
+    parent = Path(settings.STATE_DIR) / "metrics"
+    parent.mkdir(parents=True, exist_ok=True)
+    for old in parent.iterdir():
+        if old.name.isdigit() and not running(int(old.name)):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = parent / str(os.getpid())
+    shutil.rmtree(folder, ignore_errors=True)  # a pid of an earlier boot, reused
+    folder.mkdir()
+    return folder
 
 
 def check_stores() -> None:
