@@ -186,20 +186,38 @@ def test_a_master_node_migrates_a_fresh_database(serve, tmp_path):
     } <= tables
 
 
-def test_log_format_json_writes_json_lines(serve, tmp_path):
+def test_log_format_json_writes_json_lines_from_every_process(serve, tmp_path):
+    """uvicorn's, Django's and the embedded Celery worker's and beat's loggers alike."""
     log_file = tmp_path / "logs" / "app.log"
     env = {
         "LOG_FORMAT": "json",
-        "LOG_LEVEL": "info",
+        "LOG_LEVEL": "debug",  # the worker and beat say what they do at info
         "LOG_ENABLE_FILE": "true",
         "LOG_FILE_PATH": str(log_file),
     }
-    server = serve(env=env)
+    server = serve(env=env, worker=True)
     server.wait_ready()
+    wanted = {"uvicorn.error", "celery.apps.worker", "celery.beat"}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not wanted <= loggers_in(log_file):
+        time.sleep(0.5)
     server.stop()
-    lines = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+    lines = log_file.read_text().splitlines()
     assert lines
-    assert {"time", "level", "logger", "message"} <= set(lines[0])
+    for line in lines:
+        record = json.loads(line)  # every line, whichever process wrote it
+        assert {"time", "level", "logger", "message"} <= set(record), record
+    assert wanted <= loggers_in(log_file)
+
+
+def loggers_in(log_file: Path) -> set[str]:
+    found = set()
+    for line in log_file.read_text().splitlines() if log_file.exists() else []:
+        try:
+            found.add(json.loads(line)["logger"])
+        except (ValueError, KeyError):
+            found.add("(not JSON)")
+    return found
 
 
 def children(pid: int) -> dict[int, str]:
