@@ -155,11 +155,12 @@ def test_an_unreachable_redis_stops_serve_with_one_line(store_env):
 @pytest.mark.skipif(
     ON_MYSQL, reason="a fresh SQLite file shows the effect without a spare database"
 )
-def test_a_slave_node_runs_no_migrations(serve, tmp_path):
+def test_a_slave_node_runs_no_migrations(serve, tmp_path, store_env):
     db = tmp_path / "slave.db"
     server = serve(env={"DATABASE_DSN": str(db), "IS_SLAVE": "true"})
     server.wait_ready()
-    assert httpx.get(server.url + "/health").json()["role"] == "slave"
+    operator = {"Authorization": f"Bearer {store_env['AUTH_KEY']}"}  # the role is no stranger's
+    assert httpx.get(server.url + "/health", headers=operator).json()["role"] == "slave"
     tables = (
         sqlite3.connect(db).execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
     )
