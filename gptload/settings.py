@@ -270,6 +270,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = (
         "data_folder_in": str(CELERY_DATA_DIR / "queue"),
         "data_folder_out": str(CELERY_DATA_DIR / "queue"),
         "control_folder": str(CELERY_DATA_DIR / "control"),
+        # The worker looks for a job every 0.1 s (kombu: 1 s): a job starts within 0.2 s
+        # of its request. A look is one listdir of the queue folder, ~10 µs of CPU.
+        "polling_interval": 0.1,
     }
 )
 CELERY_RESULT_BACKEND = None
