@@ -274,11 +274,11 @@ def add_multiple(request: HttpRequest, payload: KeysTextIn) -> dict[str, Any]:
 def add_async(request: HttpRequest) -> dict[str, Any]:
     """Imports any number of keys as a background job: JSON `{group_id, keys_text}`,
     or a text file as multipart `file` + `group_id`. Returns the job's status."""
-    group_id, text = _async_input(request)
+    group_id, texts = _async_input(request)
     group = _group(group_id)
     with _refusals():
-        keys = services.parse_keys(text)
-        return ok(jobs.describe(jobs.start(group, JobKind.IMPORT, keys=keys)))
+        # Read as a stream: a file a chunk at a time, stored in parts as it is read.
+        return ok(jobs.describe(jobs.start_import(group, texts)))
 
 
 @router.post("/delete-multiple", response=Envelope[DeleteOut])
@@ -472,8 +472,9 @@ def _refusals() -> Iterator[None]:
         raise ApiError(503, "SERVICE_UNAVAILABLE", str(exc)) from None
 
 
-def _async_input(request: HttpRequest) -> tuple[int, str]:
-    """`(group_id, key text)` from a JSON body or a multipart upload."""
+def _async_input(request: HttpRequest) -> tuple[int, Iterable[str]]:
+    """`(group_id, key text in pieces)` from a JSON body or a multipart upload (read from
+    Django's temporary file a chunk at a time)."""
     if request.content_type == "multipart/form-data":
         upload = request.FILES.get("file")
         if upload is None:
@@ -482,18 +483,12 @@ def _async_input(request: HttpRequest) -> tuple[int, str]:
             raise ApiError(413, "PAYLOAD_TOO_LARGE", _("The file exceeds %(size)d MiB: split it, "
                            "or use `manage.py import_keys`.")
                            % {"size": MAX_UPLOAD_BYTES // 2**20})  # fmt: skip
-        try:
-            text = upload.read().decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise ApiError(
-                400, "VALIDATION_FAILED", _("file: the file is not UTF-8 text.")
-            ) from None
         raw_group = request.POST.get("group_id", "")
         if not raw_group.strip().isdigit():
             raise ApiError(
                 400, "VALIDATION_FAILED", _("group_id: send the group's id as a number.")
             )
-        return int(raw_group), text
+        return int(raw_group), services.decoded(upload.chunks(services.READ_CHUNK))
     try:
         # A leading BOM, as some editors save JSON, is what the other endpoints accept too.
         payload = KeysTextIn.model_validate_json(request.body.removeprefix(codecs.BOM_UTF8))
@@ -501,4 +496,4 @@ def _async_input(request: HttpRequest) -> tuple[int, str]:
         if any(error["type"] == "json_invalid" for error in exc.errors()):
             raise ApiError(400, "INVALID_JSON", _("The request body is not valid JSON.")) from None
         raise ValidationError([dict(error) for error in exc.errors()]) from None
-    return payload.group_id, payload.keys_text
+    return payload.group_id, [payload.keys_text]

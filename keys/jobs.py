@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import timedelta
 from types import TracebackType
 from typing import Any
@@ -31,7 +31,7 @@ from django.utils.translation import gettext_lazy
 
 from gptload.lib.crypto import DecryptionError, current_cipher
 from keys import checker, services
-from keys.models import Group, JobKind, JobStatus, KeyJob, KeyStatus
+from keys.models import Group, JobKind, JobStatus, KeyJob, KeyJobPart, KeyStatus
 
 log = logging.getLogger("gptload.jobs")
 PROGRESS_INTERVAL = 0.5  # seconds between progress writes
@@ -39,6 +39,7 @@ HEARTBEAT_INTERVAL = 15.0  # seconds between writes when progress does not move
 RUNNING_STALE_AFTER = timedelta(minutes=2)
 PENDING_STALE_AFTER = timedelta(hours=1)
 KEEP_FINISHED = 20  # finished jobs kept per group
+PART_KEYS = 10_000  # keys per stored part of an upload (about 0.5 MiB of text)
 RUN_JOB_TASK = "keys.tasks.run_job"
 TASK_TYPES = {JobKind.IMPORT: "KEY_IMPORT", JobKind.DELETE: "KEY_DELETE",
               JobKind.VALIDATE: "KEY_VALIDATION"}  # fmt: skip
@@ -138,6 +139,43 @@ def start(
     return job
 
 
+def start_import(group: Group, texts: Iterable[str]) -> KeyJob:
+    """Creates an import job from key text that arrives in pieces (an upload read a chunk
+    at a time) and queues it once every key is stored.
+
+    The group is claimed first (`JobInProgress` before a byte is read); each `PART_KEYS`
+    keys are stored encrypted as soon as they are read, a short INSERT each, so no
+    process holds the whole list. Text that `parse_keys` would refuse (no key, a
+    malformed one) raises `KeyTextError` and leaves nothing behind, nor does any other
+    failure. Raises `JobNotQueued` as `start` does.
+    """
+    job = create(group, JobKind.IMPORT)
+    try:
+        reader, waiting, number = services.KeyReader(), [], 0
+        for text in texts:
+            waiting += reader.feed(text)
+            while len(waiting) >= PART_KEYS:
+                _store_part(job, number, waiting[:PART_KEYS])
+                waiting, number = waiting[PART_KEYS:], number + 1
+        waiting += reader.close()
+        reader.check()
+        for part in services.chunks(waiting, PART_KEYS):
+            _store_part(job, number, part)
+            number += 1
+        job.total = reader.count
+        KeyJob.objects.filter(pk=job.pk).update(total=job.total, updated_at=timezone.now())
+    except BaseException:
+        KeyJob.objects.filter(pk=job.pk).delete()  # its parts with it
+        raise
+    transaction.on_commit(lambda: _enqueue(job))
+    return job
+
+
+def _store_part(job: KeyJob, number: int, keys: Sequence[str]) -> None:
+    text = current_cipher().encrypt("\n".join(keys))
+    KeyJobPart.objects.create(job=job, number=number, keys=text)
+
+
 def _enqueue(job: KeyJob) -> None:
     try:
         # By name: `keys.tasks` is the shell around this module, which never imports it.
@@ -166,8 +204,7 @@ def run(job_id: int) -> None:
     if job is None:
         return  # its group was deleted meanwhile
     try:
-        keys = _payload_keys(job)
-        execute(job, keys)
+        execute(job, _job_keys(job))
     except Exception as exc:
         if not isinstance(exc, EXPECTED):
             log.exception("key job %s (%s of group %s) failed", job.pk, job.kind, job.group.name)
@@ -196,14 +233,14 @@ def run_here(
 
 
 def execute(
-    job: KeyJob, keys: Sequence[str], echo: services.Progress | None = None
+    job: KeyJob, keys: Iterable[str], echo: services.Progress | None = None
 ) -> dict[str, Any]:
     """Does a running job's work and records its result."""
     with Heartbeat(job.pk, job.total, echo) as progress:
         if job.kind == JobKind.IMPORT:
-            result: dict[str, Any] = services.import_keys(job.group, keys, progress)
+            result: dict[str, Any] = services.import_keys(job.group, keys, progress, job.total)
         elif job.kind == JobKind.DELETE:
-            result = services.delete_keys(job.group, keys, progress)
+            result = services.delete_keys(job.group, list(keys), progress)
         else:
             statuses = job.params.get("statuses") or list(VALIDATABLE)
             key_ids = job.params.get("key_ids")  # chosen keys (the console's selection)
@@ -236,8 +273,11 @@ def abandon_stale(group_id: int | None = None) -> int:
         stale = rows.filter(status=status, updated_at__lt=now - after)
         if not stale.exists():  # the usual answer, without taking SQLite's write lock
             continue
-        given_up += stale.update(status=JobStatus.FAILED, error=reason, finished_at=now,
-                                 updated_at=now, running_group_id=None, payload="")  # fmt: skip
+        ids = list(stale.values_list("id", flat=True))
+        given_up += KeyJob.objects.filter(pk__in=ids, finished_at=None).update(
+            status=JobStatus.FAILED, error=reason, finished_at=now, updated_at=now,
+            running_group_id=None, payload="")  # fmt: skip
+        KeyJobPart.objects.filter(job_id__in=ids).delete()
     return given_up
 
 
@@ -354,18 +394,33 @@ def _finish(
         fields["processed"] = processed
     if total is not None:
         fields["total"] = total
-    return bool(KeyJob.objects.filter(pk=job_id, finished_at=None).update(**fields))
+    finished = bool(KeyJob.objects.filter(pk=job_id, finished_at=None).update(**fields))
+    KeyJobPart.objects.filter(job_id=job_id).delete()  # the keys do not linger
+    return finished
 
 
-def _payload_keys(job: KeyJob) -> list[str]:
-    if not job.payload:
-        return []
-    try:
-        return current_cipher().decrypt(job.payload).split("\n")
-    except DecryptionError:
-        raise services.KeyOperationError(
-            "The job's key list was stored under another ENCRYPTION_KEY; send it again."
-        ) from None
+def _job_keys(job: KeyJob) -> Iterator[str]:
+    """The job's key list: from its row, or part by part (an upload), one part in memory."""
+    texts: Iterable[str] = [job.payload] if job.payload else (
+        part.keys for part in _parts(job.pk))  # fmt: skip
+    for text in texts:
+        try:
+            yield from current_cipher().decrypt(text).split("\n")
+        except DecryptionError:
+            raise services.KeyOperationError(
+                "The job's key list was stored under another ENCRYPTION_KEY; send it again."
+            ) from None
+
+
+def _parts(job_id: int) -> Iterator[KeyJobPart]:
+    after = -1
+    while (
+        part := KeyJobPart.objects.filter(job_id=job_id, number__gt=after)
+        .order_by("number")
+        .first()
+    ):
+        yield part
+        after = part.number
 
 
 def _busy_message(group: Group) -> str:

@@ -234,6 +234,9 @@ class APIKey(models.Model):
         indexes = [
             models.Index(fields=["group", "status"], name="apikey_group_status"),
             models.Index(fields=["group", "-last_used_at", "-id"], name="apikey_group_last_used"),
+            # The console's key list of every group, in the same order (a seek, not a sort
+            # of a million rows).
+            models.Index(fields=["-last_used_at", "-id"], name="apikey_last_used"),
             models.Index(fields=["status", "cooling_until"], name="apikey_status_cooling"),
             models.Index(fields=["key_hash"], name="apikey_hash"),
             # The dashboard's busiest and most failing keys: five rows read off an index
@@ -325,3 +328,24 @@ class KeyJob(models.Model):
     @property
     def is_running(self) -> bool:
         return self.finished_at is None
+
+
+class KeyJobPart(models.Model):
+    """A slice of an import job's key list, stored while the upload is read and read back
+    by the worker one slice at a time, so that neither process ever holds the whole list
+    (a 16 MiB file is 400,000 keys). In the database, not a file: a cluster's worker may
+    run on another machine than the web node that took the upload. Deleted when the job
+    ends."""
+
+    job = models.ForeignKey(KeyJob, on_delete=models.CASCADE, related_name="parts")
+    number = models.PositiveIntegerField()
+    keys = models.TextField(help_text="Keys, one a line, encrypted like keys.")
+
+    class Meta:
+        verbose_name = "key job part"
+        constraints = [
+            models.UniqueConstraint(fields=["job", "number"], name="uniq_keyjob_part"),
+        ]
+
+    def __str__(self) -> str:
+        return f"part {self.number} of job {self.job_id}"

@@ -12,11 +12,13 @@ worker or a command (no language is active there).
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, TypeVar, cast
 
 from django.db import connections, transaction
@@ -34,6 +36,8 @@ BATCH = 1000
 MAX_KEY_LENGTH = 1000
 SYNC_LIMIT = 5000  # keys per synchronous call, as GPT-Load
 SEPARATORS = re.compile(r"[\s,;]+")
+POSITIONS_SHOWN = 5  # positions of refused keys named in the refusal
+READ_CHUNK = 64 * 1024  # bytes of an uploaded key file read at a time
 EXPORT_STATUSES = ("all", *KeyStatus.values)
 
 Progress = Callable[[int, int], None]
@@ -55,20 +59,117 @@ def parse_keys(text: str) -> list[str]:
     `KeyTextError` when no key is found, or naming how many keys are refused and why
     (longer than `MAX_KEY_LENGTH`, control or invisible characters).
     """
-    text = text.removeprefix("\ufeff")
-    tokens = _json_array(text)
-    if tokens is None:
-        tokens = SEPARATORS.split(text)
-    keys = [token for token in tokens if token]
-    if not keys:
+    reader = KeyReader()
+    keys = reader.feed(text) + reader.close()
+    reader.check()
+    return keys
+
+
+class KeyReader:
+    """`parse_keys` for text that arrives in pieces (an upload read a chunk at a time), so
+    that a 16 MiB file is never held whole: `feed` returns the keys each piece completes
+    (a key cut by a piece's end waits for its rest), `close` the last ones, and `check`
+    refuses the whole text as `parse_keys` does. A text that opens with `[` is read as a
+    JSON array, whole, at `close`.
+    """
+
+    def __init__(self) -> None:
+        self.count = self.refused = 0  # keys read; keys refused
+        self.too_long: list[int] = []  # positions (from 1), the first few
+        self.unprintable: list[int] = []
+        self.too_long_count = self.unprintable_count = 0
+        self._tail = ""
+        self._started = False
+        self._json: list[str] | None = None
+
+    def feed(self, text: str) -> list[str]:
+        if not self._started:
+            text = text.removeprefix("\ufeff").lstrip()
+            if not text:
+                return []
+            self._started = True
+            if text.startswith("["):
+                self._json = []
+        if self._json is not None:
+            self._json.append(text)
+            return []
+        tokens = SEPARATORS.split(self._tail + text)
+        self._tail = tokens.pop()  # the text may go on in the next piece
+        return self._take(tokens)
+
+    def close(self) -> list[str]:
+        if self._json is not None:
+            text, self._json = "".join(self._json), None
+            tokens = _json_array(text)
+            return self._take(SEPARATORS.split(text) if tokens is None else tokens)
+        tail, self._tail = self._tail, ""
+        return self._take([tail])
+
+    def _take(self, tokens: list[str]) -> list[str]:
+        keys = [token for token in tokens if token]
+        for key in keys:
+            self.count += 1
+            long, odd = len(key) > MAX_KEY_LENGTH, _has_control_characters(key)
+            if long:
+                self.too_long_count += 1
+                if len(self.too_long) < POSITIONS_SHOWN:
+                    self.too_long.append(self.count)
+            if odd:
+                self.unprintable_count += 1
+                if len(self.unprintable) < POSITIONS_SHOWN:
+                    self.unprintable.append(self.count)
+            self.refused += long or odd
+        return keys
+
+    def check(self) -> None:
+        """Raises `KeyTextError` when no key was read, or when any is refused."""
+        if not self.count:
+            raise KeyTextError(
+                _(
+                    "No keys found: send keys separated by new lines, spaces, commas or "
+                    "semicolons, or a JSON array of strings."
+                )
+            )
+        if not self.refused:
+            return
+        reasons = []
+        if self.too_long_count:
+            reasons.append(
+                _("%(count)d longer than %(limit)d characters (%(positions)s)")
+                % {
+                    "count": self.too_long_count,
+                    "limit": MAX_KEY_LENGTH,
+                    "positions": _positions(self.too_long, self.too_long_count),
+                }
+            )
+        if self.unprintable_count:
+            reasons.append(
+                _("%(count)d containing control or invisible characters (%(positions)s)")
+                % {
+                    "count": self.unprintable_count,
+                    "positions": _positions(self.unprintable, self.unprintable_count),
+                }
+            )
         raise KeyTextError(
             _(
-                "No keys found: send keys separated by new lines, spaces, commas or semicolons, "
-                "or a JSON array of strings."
+                "%(refused)d of %(total)d keys refused: %(reasons)s. "
+                "Fix or remove them and send the list again; nothing was stored."
             )
+            % {"refused": self.refused, "total": self.count, "reasons": "; ".join(reasons)}
         )
-    _refuse_malformed(keys)
-    return keys
+
+
+def decoded(chunks: Iterable[bytes]) -> Iterator[str]:
+    """The text of a UTF-8 file read in chunks (a leading BOM dropped), a piece per chunk;
+    a character cut by a chunk's end is completed by the next. Raises `KeyTextError` on
+    bytes that are not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    try:
+        for chunk in chunks:
+            yield decoder.decode(chunk)
+        yield decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise KeyTextError(_("file: the file is not UTF-8 text.")) from None
 
 
 def _json_array(text: str) -> list[str] | None:
@@ -85,41 +186,15 @@ def _json_array(text: str) -> list[str] | None:
     return [item.strip() for item in value]
 
 
-def _refuse_malformed(keys: Sequence[str]) -> None:
-    too_long = [n for n, key in enumerate(keys, 1) if len(key) > MAX_KEY_LENGTH]
-    unprintable = [n for n, key in enumerate(keys, 1) if _has_control_characters(key)]
-    if not too_long and not unprintable:
-        return
-    reasons = []
-    if too_long:
-        reasons.append(
-            _("%(count)d longer than %(limit)d characters (%(positions)s)")
-            % {"count": len(too_long), "limit": MAX_KEY_LENGTH, "positions": _positions(too_long)}
-        )
-    if unprintable:
-        reasons.append(
-            _("%(count)d containing control or invisible characters (%(positions)s)")
-            % {"count": len(unprintable), "positions": _positions(unprintable)}
-        )
-    refused = len(set(too_long) | set(unprintable))
-    raise KeyTextError(
-        _(
-            "%(refused)d of %(total)d keys refused: %(reasons)s. "
-            "Fix or remove them and send the list again; nothing was stored."
-        )
-        % {"refused": refused, "total": len(keys), "reasons": "; ".join(reasons)}
-    )
-
-
 def _has_control_characters(key: str) -> bool:
     if key.isascii():  # the usual case, 20x faster than looking at each character
         return not key.isprintable()
     return any(unicodedata.category(char) in ("Cc", "Cf") for char in key)
 
 
-def _positions(numbers: list[int]) -> str:
-    shown = ", ".join(f"#{n}" for n in numbers[:5])
-    return _("keys %(numbers)s") % {"numbers": f"{shown}{', …' if len(numbers) > 5 else ''}"}
+def _positions(numbers: list[int], count: int) -> str:
+    shown = ", ".join(f"#{n}" for n in numbers[:POSITIONS_SHOWN])
+    return _("keys %(numbers)s") % {"numbers": f"{shown}{', …' if count > POSITIONS_SHOWN else ''}"}
 
 
 def check_sync_limit(keys: Sequence[str], alternative: str) -> None:
@@ -140,33 +215,46 @@ def ensure_holds_keys(group: Group) -> None:
 
 
 def import_keys(
-    group: Group, keys: Sequence[str], progress: Progress | None = None
+    group: Group,
+    keys: Iterable[str],
+    progress: Progress | None = None,
+    total: int | None = None,
 ) -> dict[str, int]:
     """Adds the keys the group does not hold yet (compared by hash), as active keys.
 
     Returns GPT-Load's `{added_count, ignored_count, total_in_group}`; repeats within
-    `keys` and keys already in the group are ignored. Inserts in batches of `BATCH`.
+    `keys` and keys already in the group are ignored. `keys` is read once, `BATCH` at a
+    time (an iterator works: a job reads its list part by part); each batch asks which of
+    its hashes the group holds and inserts the rest, so memory stays flat however big the
+    list or the group. `total` (else `len(keys)`) is what progress is reported against.
     """
     ensure_holds_keys(group)
     cipher = current_cipher()
-    by_hash: dict[str, str] = {}
-    for key in keys:
-        by_hash.setdefault(cipher.hash(key), key)
-    held = set(APIKey.objects.filter(group=group).values_list("key_hash", flat=True))
-    fresh = [(digest, key) for digest, key in by_hash.items() if digest not in held]
+    if total is None:
+        total = len(keys) if isinstance(keys, Sized) else 0
     report = progress or _ignore
-    known = len(keys) - len(fresh)  # repeats and keys the group holds: done at once
-    report(known, len(keys))
+    report(0, total)
     added = done = 0
-    for chunk in chunks(fresh, BATCH):
-        rows = [(cipher.encrypt(key), digest) for digest, key in chunk]
-        with transaction.atomic():
-            added += _insert_active_keys(group, rows)
-        done += len(rows)
-        report(known + done, len(keys))
+    for batch in batches(keys, BATCH):
+        fresh: dict[str, str] = {}
+        for key in batch:
+            fresh.setdefault(cipher.hash(key), key)
+        held = set(
+            APIKey.objects.filter(group=group, key_hash__in=list(fresh)).values_list(
+                "key_hash", flat=True
+            )
+        )
+        rows = [
+            (cipher.encrypt(key), digest) for digest, key in fresh.items() if digest not in held
+        ]
+        if rows:
+            with transaction.atomic():
+                added += _insert_active_keys(group, rows)
+        done += len(batch)
+        report(done, max(total, done))
     if added:
         group_changed(group.pk)
-    return {"added_count": added, "ignored_count": len(keys) - added,
+    return {"added_count": added, "ignored_count": done - added,
             "total_in_group": count_keys(group)}  # fmt: skip
 
 
@@ -296,6 +384,13 @@ def export_keys(group_id: int, status: str = "all") -> Iterator[ExportBatch]:
     while (batch := export_batch(group_id, status, after)).last_id is not None:
         yield batch
         after = batch.last_id
+
+
+def batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """`items` in lists of `size` (the last one shorter), read as they are needed."""
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
 
 
 def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
