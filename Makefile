@@ -9,6 +9,8 @@ PYTEST_ARGS ?=
 # The test process's own admin key (the servers it starts get theirs from conftest.py), so
 # that a test run never makes the data/auth_key that `make run` would show at first boot.
 TEST_AUTH_KEY := sk-test-run-0123456789abcdefghij
+TEST_SECRET_KEY := test-run-django-secret-0123456789abcdefghijklmnop
+TEST_SECRETS := AUTH_KEY=$(TEST_AUTH_KEY) SECRET_KEY=$(TEST_SECRET_KEY)
 # pytest-xdist processes for each pass (a test database each; on the MariaDB pass a Redis
 # database each too, TEST_REDIS_DSN's number plus the worker's: tests/redis_per_worker.py).
 SQLITE_WORKERS ?= 2
@@ -28,17 +30,17 @@ test: $(VENV)/.installed-dev browser-deps
 
 test-sqlite: $(VENV)/.installed-dev
 	@echo "== tests on SQLite, in-process state =="
-	env -u DATABASE_DSN -u REDIS_DSN AUTH_KEY=$(TEST_AUTH_KEY) $(PY) -m pytest -n $(SQLITE_WORKERS) $(PYTEST_ARGS)
+	env -u DATABASE_DSN -u REDIS_DSN $(TEST_SECRETS) $(PY) -m pytest -n $(SQLITE_WORKERS) $(PYTEST_ARGS)
 
 test-mysql: $(VENV)/.installed-dev
 	@echo "== tests on MariaDB + Redis =="
 	.ci/services
-	DATABASE_DSN=$(TEST_DATABASE_DSN) REDIS_DSN=$(TEST_REDIS_DSN) AUTH_KEY=$(TEST_AUTH_KEY) $(PY) -m pytest -p tests.redis_per_worker -n $(MYSQL_WORKERS) $(PYTEST_ARGS)
+	DATABASE_DSN=$(TEST_DATABASE_DSN) REDIS_DSN=$(TEST_REDIS_DSN) $(TEST_SECRETS) $(PY) -m pytest -p tests.redis_per_worker -n $(MYSQL_WORKERS) $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
-	AUTH_KEY=$(TEST_AUTH_KEY) $(VENV)/bin/mypy .
+	$(TEST_SECRETS) $(VENV)/bin/mypy .
 	$(VENV)/bin/lint-imports --no-cache
 
 format: $(VENV)/.installed-dev

@@ -7,8 +7,9 @@ from django.utils.translation import gettext as _
 from ninja import Field, Router, Schema
 from ninja.responses import Status
 
-from gptload.lib.api import ApiError, Envelope, is_admin_key, ok
+from gptload.lib.api import ApiError, Envelope, is_admin_key, ok, too_many_failures
 from gptload.lib.secrets import constant_time_in
+from gptload.lib.signin import throttle
 from keys.models import ChannelType, Group
 from settings_app.models import SystemSetting
 
@@ -24,11 +25,16 @@ class LoginOut(Schema):
     message: str
 
 
-@router.post("/auth/login", auth=None, response={200: LoginOut, 401: LoginOut})
+@router.post("/auth/login", auth=None, response={200: LoginOut, 401: LoginOut, 429: LoginOut})
 def login(request: HttpRequest, payload: LoginIn) -> Status[dict[str, object]]:
-    """Checks an admin key, as GPT-Load's login page does (no session is created)."""
+    """Checks an admin key, as GPT-Load's login page does (no session is created); failed
+    attempts count against the caller's address as the console's sign-in does."""
+    if wait := throttle.blocked_for(request):
+        return Status(429, {"success": False, "message": too_many_failures(wait)})
     if is_admin_key(payload.auth_key):
+        throttle.succeeded(request)
         return Status(200, {"success": True, "message": _("Authentication successful")})
+    throttle.failed(request)
     return Status(401, {"success": False, "message": _("Authentication failed")})
 
 

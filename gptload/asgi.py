@@ -19,6 +19,7 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 
 django_application = get_asgi_application()
 
+from gptload.lib.httpserver import read_within  # noqa: E402
 from gptload.lib.lifespan import lifespan  # noqa: E402 - needs the apps loaded
 from proxy.handler import ProxyHandler  # noqa: E402
 
@@ -66,7 +67,9 @@ router = ProtocolTypeRouter(
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """`/proxy/…` straight to the proxy's lean handler (its cost is the product); every
     other request, and lifespan events, through channels' router to Django."""
-    if scope["type"] == "http" and scope["path"].startswith("/proxy/"):
-        await proxy_application(scope, receive, send)
-    else:
+    if scope["type"] != "http":
         await router(scope, receive, send)
+    elif scope["path"].startswith("/proxy/"):
+        await proxy_application(scope, receive, send)  # it bounds its own body
+    else:
+        await router(scope, read_within(receive, send, settings.SERVER_READ_TIMEOUT), send)

@@ -8,7 +8,6 @@ server for one key at a time (a user with the right to change keys). Big operati
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -633,9 +632,4 @@ class GroupSubGroupAdmin(ModelAdmin):
     autocomplete_fields = ["group", "sub_group"]
 
 
-def new_proxy_key() -> str:
-    """A proxy key as GPT-Load's generator makes them: `sk-` and 48 characters."""
-    return "sk-" + secrets.token_urlsafe(36)[:48]
-
-
-__all__ = ["Q", "mask", "new_proxy_key"]
+__all__ = ["Q", "mask"]

@@ -7,8 +7,11 @@ full `META` dict, URL resolution, the middleware adapters, the `request_started`
 measured here, these were a third of the gateway's CPU per call). This handler keeps
 what matters and drops the rest:
 
-- the body is read into memory (it is forwarded as bytes anyway), within
-  `SERVER_READ_TIMEOUT` (408 when it runs out);
+- the client's key is checked from the headers before the body is read (`admit`): a
+  stranger's body is never buffered, and the refusal closes the connection;
+- the body is read into memory (it is forwarded as bytes anyway), up to
+  `MAX_REQUEST_BODY_MB` (413, in the provider's shape, as soon as it is known to be
+  bigger) and within `SERVER_READ_TIMEOUT` (408 when it runs out);
 - the request is a `ProxyRequest`, an `ASGIRequest` whose `META` is built only if
   something asks for it (CORS does, the pipeline does not);
 - the ninja operation is called directly: `/proxy/{group}/{path}` needs no resolver
@@ -20,7 +23,10 @@ what matters and drops the rest:
   (the relay then closes the upstream and logs the attempt);
 - `SERVER_WRITE_TIMEOUT` bounds each write: a client that stops reading cannot hold a
   stream open for ever, while a long stream that is read is never cut. One watchdog per
-  process checks the writes in progress once a second, rather than a timer per chunk.
+  process checks the reads and writes in progress once a second, rather than a timer
+  per request or per chunk;
+- every answer carries `nosniff` and a sandboxing CSP, and never an upstream's cookies
+  (`ANSWER_SECURITY`): whatever an upstream sends is served from gptload's own origin.
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
-from proxy.pipeline import ProxyResponse
+from gptload.lib.providers.headers import ANSWER_SECURITY
+from proxy.pipeline import ProxyError, ProxyResponse, admit
+from proxy.snapshot import GroupView
 
 log = logging.getLogger("gptload.proxy")
 TIMEOUT_BODY = b'{"error":{"message":"Request body not received in time.","type":"timeout"}}'
@@ -51,6 +59,7 @@ INTERNAL_BODY = (
     b'"type":"internal_error","code":"internal_error"}}'
 )
 View = Callable[[HttpRequest], Awaitable[HttpResponseBase]]
+DRAIN = 1024 * 1024  # bytes of a refused request's body read and dropped (see _drain)
 
 
 class Disconnected(Exception):
@@ -59,6 +68,9 @@ class Disconnected(Exception):
 
 class ProxyRequest(ASGIRequest):
     """An `ASGIRequest` made from the scope and the body, with `META` built on first use."""
+
+    admitted: GroupView | None = None  # the group the headers' key opens (handler.admit)
+    refusal: ProxyError | None = None  # refused before the body was read
 
     def __init__(self, scope: dict[str, Any], body: bytes, group: str, path: str) -> None:
         self.scope = scope
@@ -80,15 +92,16 @@ class ProxyRequest(ASGIRequest):
 
 
 class Exchange:
-    """One request in flight: whether it ended because the client went away, and the
-    write in progress (when it began), for the watchdog."""
+    """One request in flight: whether it ended because the client went away or was too
+    slow to send its body, and the read or write in progress (when it began), for the
+    watchdog."""
 
-    __slots__ = ("gone", "task", "writing_since")
+    __slots__ = ("gone", "late", "reading_since", "task", "writing_since")
 
     def __init__(self, task: asyncio.Task[Any]) -> None:
         self.task = task
-        self.gone = False
-        self.writing_since = 0.0
+        self.gone = self.late = False
+        self.reading_since = self.writing_since = 0.0
 
 
 class ProxyHandler:
@@ -118,21 +131,40 @@ class ProxyHandler:
         if len(route) < 4 or not route[2]:
             await send_plain(send, 404, NOT_FOUND_BODY)
             return
-        try:
-            first = await receive()  # a small body is all there at once: no timer needed
-            if first["type"] == "http.disconnect":
-                return
-            body = first.get("body", b"")
-            if first.get("more_body", False):
-                async with asyncio.timeout(settings.SERVER_READ_TIMEOUT):
-                    body += await read_body(receive)
-        except Disconnected:
-            return
-        except TimeoutError:
-            await send_plain(send, 408, TIMEOUT_BODY)
-            return
-        request = ProxyRequest(scope, body, route[2], route[3])
+        admitted: GroupView | None = None
+        refusal: ProxyError | None = None
+        if scope["method"] != "OPTIONS" or not settings.ENABLE_CORS:  # preflights: no key
+            try:
+                admitted = await admit(scope, route[2])
+            except ProxyError as error:
+                refusal = error
+        body = b""
         exchange = Exchange(asyncio.current_task())  # type: ignore[arg-type]
+        declared = content_length(scope)
+        if refusal is None:
+            try:
+                body = await self._read_body(receive, exchange, declared)
+            except Disconnected:
+                return
+            except asyncio.CancelledError:
+                if not exchange.late:
+                    raise
+                exchange.task.uncancel()
+                await send_plain(send, 408, TIMEOUT_BODY)
+                return
+            except ProxyError as error:
+                refusal = error
+        request = ProxyRequest(scope, body, route[2], route[3])
+        if refusal is not None:
+            request.refusal = refusal
+            response = await self.chain(request)
+            if not await self._drain(receive, exchange, declared):
+                # The rest of the body stays unread: the connection cannot carry another
+                # request, and the server closes it after this answer.
+                response.raw_headers.append((b"connection", b"close"))  # type: ignore[attr-defined]
+            await self.send_response(response, send, exchange)
+            return
+        request.admitted = admitted
         watcher = asyncio.create_task(self._watch_disconnect(receive, exchange))
         response: HttpResponseBase | None = None
         try:
@@ -152,6 +184,50 @@ class ProxyHandler:
             relay = getattr(response, "relay", None)
             if relay is not None:
                 relay.close()
+
+    async def _read_body(self, receive: Any, exchange: Exchange, declared: int | None) -> bytes:
+        """The whole body, within MAX_REQUEST_BODY (413 above it, before reading anything
+        when `content-length` says so) and SERVER_READ_TIMEOUT (the watchdog cancels a
+        read that takes longer: no timer per request)."""
+        limit = settings.MAX_REQUEST_BODY
+        if declared is not None and declared > limit:
+            raise too_large()
+        self._watch(exchange)
+        exchange.reading_since = asyncio.get_running_loop().time()
+        try:
+            return await read_body(receive, limit)
+        finally:
+            exchange.reading_since = 0.0
+            self._exchanges.discard(exchange)
+
+    async def _drain(self, receive: Any, exchange: Exchange, declared: int | None) -> bool:
+        """Reads and drops what is left of a refused request's body, when it is small
+        (`DRAIN`), so that the refusal reaches the client intact: a server that closes a
+        connection with unread bytes makes its kernel reset it, and the client's kernel
+        then discards the answer not yet read. Whether the body was read to its end."""
+        if declared is not None and declared > DRAIN:
+            return False
+        self._watch(exchange)
+        exchange.reading_since = asyncio.get_running_loop().time()
+        room = DRAIN
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return False
+                room -= len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return True
+                if room < 0:
+                    return False
+        except asyncio.CancelledError:
+            if not exchange.late:
+                raise
+            exchange.task.uncancel()
+            return False
+        finally:
+            exchange.reading_since = 0.0
+            self._exchanges.discard(exchange)
 
     async def _watch_disconnect(self, receive: Any, exchange: Exchange) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -173,7 +249,8 @@ class ProxyHandler:
             headers = [(k.lower().encode("latin-1"), v.encode("latin-1"))
                        for k, v in response.headers.items()]  # fmt: skip
             headers.append((b"content-length", str(len(body)).encode()))
-        self._exchanges.add(exchange)
+        headers = [*headers, *ANSWER_SECURITY]
+        self._watch(exchange)
         try:
             await self._write(send, exchange, {"type": "http.response.start",
                                                "status": response.status_code, "headers": headers})  # fmt: skip
@@ -192,39 +269,62 @@ class ProxyHandler:
         finally:
             self._exchanges.discard(exchange)
 
-    async def _write(self, send: Any, exchange: Exchange, message: dict[str, Any]) -> None:
-        loop = asyncio.get_running_loop()
-        exchange.writing_since = loop.time()
+    def _watch(self, exchange: Exchange) -> None:
+        self._exchanges.add(exchange)
         if self._watchdog is None or self._watchdog.done():
-            self._watchdog = loop.create_task(self._watch_writes())
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch_exchanges())
+
+    async def _write(self, send: Any, exchange: Exchange, message: dict[str, Any]) -> None:
+        exchange.writing_since = asyncio.get_running_loop().time()
         await send(message)
         exchange.writing_since = 0.0
 
-    async def _watch_writes(self) -> None:
-        """Cancels the requests whose client has not taken a write for SERVER_WRITE_TIMEOUT."""
+    async def _watch_exchanges(self) -> None:
+        """Cancels the requests whose client has not sent its body within
+        SERVER_READ_TIMEOUT, or not taken a write for SERVER_WRITE_TIMEOUT."""
         loop = asyncio.get_running_loop()
-        limit = settings.SERVER_WRITE_TIMEOUT
+        read_limit, write_limit = settings.SERVER_READ_TIMEOUT, settings.SERVER_WRITE_TIMEOUT
         while self._exchanges:
-            await asyncio.sleep(min(1.0, limit / 2))
+            await asyncio.sleep(min(1.0, read_limit / 2, write_limit / 2))
             now = loop.time()
             for exchange in list(self._exchanges):
-                if exchange.writing_since and now - exchange.writing_since > limit:
-                    log.info("client did not read for %s s; dropping the response", limit)
+                if exchange.reading_since and now - exchange.reading_since > read_limit:
+                    exchange.late = True
+                    exchange.reading_since = 0.0
+                    exchange.task.cancel()
+                elif exchange.writing_since and now - exchange.writing_since > write_limit:
+                    log.info("client did not read for %s s; dropping the response", write_limit)
                     exchange.gone = True
                     exchange.writing_since = 0.0
                     exchange.task.cancel()
 
 
-async def read_body(receive: Any) -> bytes:
+async def read_body(receive: Any, room: int) -> bytes:
+    """The rest of a body; refused (413) as soon as it outgrows `room` bytes."""
     parts: list[bytes] = []
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise Disconnected
         if chunk := message.get("body"):
+            room -= len(chunk)
+            if room < 0:
+                raise too_large()
             parts.append(chunk)
         if not message.get("more_body", False):
             return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def content_length(scope: dict[str, Any]) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def too_large() -> ProxyError:
+    return ProxyError(413, f"Request body larger than {settings.MAX_REQUEST_BODY_MB} MiB "
+                      "(MAX_REQUEST_BODY_MB).", "invalid_request_error")  # fmt: skip
 
 
 async def send_plain(send: Any, status: int, body: bytes) -> None:

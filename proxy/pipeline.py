@@ -283,6 +283,11 @@ def raw_path(scope: dict[str, Any], path: str) -> str:
         encoded = "/" + (parts[3].decode("latin-1") if len(parts) > 3 else "")
     else:
         encoded = "/" + quote(path.lstrip("/"), safe=PATH_SAFE)
+    if "%" in encoded and ("%3f" in (lowered := encoded.lower()) or "%23" in lowered):
+        # Decoded anywhere on the way (a proxy in front, an upstream's router) it would
+        # start a query or a fragment the client's URL did not have.
+        raise ProxyError(400, "The path may not contain an encoded '?' or '#'.",
+                         "invalid_request_error")  # fmt: skip
     if "/." in encoded or "%2e" in encoded.lower():
         segments = [quote_free(s) for s in encoded.split("/")]
         if "." in segments or ".." in segments:
@@ -298,11 +303,11 @@ def quote_free(segment: str) -> str:
 
 
 def client_ip(headers: dict[str, str], scope: dict[str, Any]) -> str:
-    forwarded = headers.get("x-forwarded-for", "")
-    if forwarded:
-        return forwarded.split(",")[0].strip()
+    """The peer's address. The server has already replaced it with X-Forwarded-For's when
+    the peer is a trusted proxy (FORWARDED_ALLOW_IPS); anyone else's header is not read,
+    so that the address logged and sent as ${CLIENT_IP} cannot be forged."""
     client = scope.get("client")
-    return headers.get("x-real-ip") or (str(client[0]) if client else "")
+    return str(client[0]) if client else ""
 
 
 async def proxy(request: HttpRequest, group_name: str, path: str) -> HttpResponseBase:
@@ -311,6 +316,10 @@ async def proxy(request: HttpRequest, group_name: str, path: str) -> HttpRespons
     recorder.configure(snapshot.system["request_log_write_interval_minutes"])
     group = snapshot.groups.get(group_name)
     provider = group.provider if group else DEFAULT_PROVIDER
+    refusal: ProxyError | None = getattr(request, "refusal", None)  # made by the handler
+    if refusal is not None:
+        metrics.tally.refused(refusal.status)
+        return refusal.response(provider)
     response: ProxyResponse
     try:
         limiter.enter()
@@ -320,7 +329,8 @@ async def proxy(request: HttpRequest, group_name: str, path: str) -> HttpRespons
     relaying = False
     try:
         call = start_call(request, path, started)
-        call.entry = await authorize(call, snapshot, group_name)
+        admitted: GroupView | None = getattr(request, "admitted", None)  # by the handler
+        call.entry = admitted or await authorize(call.credential, snapshot, group_name)
         response = await forward(call)
     except ProxyError as error:
         response = error.response(call.entry.provider if call and call.entry else provider)
@@ -341,16 +351,44 @@ async def proxy(request: HttpRequest, group_name: str, path: str) -> HttpRespons
     return response
 
 
-async def authorize(call: Call, snapshot: Snapshot, name: str) -> GroupView:
+def credential_of(scope: dict[str, Any]) -> str:
+    """The client's key as `start_call` reads it (`?key=`, else Bearer, else `x-api-key` or
+    `x-goog-api-key`), from the request line and headers alone."""
+    query_string = scope.get("query_string", b"")
+    if b"key=" in query_string:
+        for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+            if name == "key":
+                if value:
+                    return value
+                break
+    bearer = credential = ""
+    for raw_name, raw_value in scope["headers"]:
+        raw_name = raw_name.lower()
+        if raw_name == b"authorization":
+            if raw_value[:7].lower() == b"bearer ":
+                bearer = raw_value[7:].strip().decode("latin-1")
+        elif raw_name in CLIENT_CREDENTIALS_RAW and not credential:
+            credential = raw_value.decode("latin-1")
+    return bearer or credential
+
+
+async def admit(scope: dict[str, Any], name: str) -> GroupView:
+    """The group a request may use, judged from its request line and headers before its
+    body is read (a stranger's body is never buffered); raises the refusal."""
+    snapshot = runtime.snapshot or await runtime.current()
+    return await authorize(credential_of(scope), snapshot, name)
+
+
+async def authorize(credential: str, snapshot: Snapshot, name: str) -> GroupView:
     """The group named in the URL, if the call's key opens it. A miss (no such group, a
     key not known) looks at the configuration version once: it may have just changed."""
-    if not call.credential:
+    if not credential:
         raise ProxyError(
             401,
             "Missing proxy key: send it as Authorization: Bearer, x-api-key, x-goog-api-key or ?key=.",
             "authentication_error",
         )
-    secret = digest(call.credential)
+    secret = digest(credential)
     group = snapshot.groups.get(name)
     if group is None or not (secret in group.proxy_keys or secret in snapshot.global_keys):
         snapshot = await runtime.refresh()

@@ -51,18 +51,18 @@ class SystemSetting(models.Model):
 
 
 def seed_first_boot_settings(**kwargs: Any) -> None:
-    """GPT-Load pins the global proxy keys to AUTH_KEY at first boot; so do we.
+    """The global proxy key made at first boot: a random one of its own.
 
-    Later changes of AUTH_KEY then change the admin key only, not what clients use.
+    GPT-Load pins it to the AUTH_KEY instead, which makes every client that holds a
+    proxy key an administrator; we never do (README, "Changed on purpose"). The key is
+    shown on the console's settings page and by `manage.py auth_key --proxy`.
     """
     definition = registry.get("proxy_keys")
     SystemSetting.objects.using(kwargs.get("using", "default")).get_or_create(
         setting_key=definition.key,
-        defaults={
-            "setting_value": definition.parse(definition.default_value()),
-            "description": definition.description,
-        },
-    )
+        defaults={"setting_value": registry.new_proxy_key(),
+                  "description": definition.description},
+    )  # fmt: skip
 
 
 class ConfigVersion(models.Model):

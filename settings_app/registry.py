@@ -13,6 +13,7 @@ description) stays English; refusals are worded in the language active when rais
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,8 +97,10 @@ def _app_url_default() -> str:
     return f"http://{host}:{django_settings.PORT}"
 
 
-def _proxy_keys_default() -> str:
-    return str(django_settings.AUTH_KEY)
+def new_proxy_key() -> str:
+    """A strong random proxy key as GPT-Load's generator makes them (`sk-` and 48
+    characters), for the global keys at first boot and the console's generator."""
+    return "sk-" + secrets.token_urlsafe(36)[:48]
 
 
 @dataclass(frozen=True)
@@ -188,9 +191,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("app_url", str, _app_url_default, gettext_noop("Project URL"),
             gettext_noop("Base URL shown for group endpoints (e.g. https://gateway.example.com)."),
             BASIC, required=True, normalize=_http_url),
-    Setting("proxy_keys", str, _proxy_keys_default, gettext_noop("Global proxy keys"),
-            gettext_noop("Comma-separated keys that clients may use on every group. Seeded from "
-                         "AUTH_KEY."),
+    Setting("proxy_keys", str, "", gettext_noop("Global proxy keys"),
+            gettext_noop("Comma-separated keys that clients may use on every group. A random "
+                         "one is made at first boot (never the AUTH_KEY)."),
             BASIC, required=True, normalize=_key_list),
     Setting("request_log_retention_days", int, 7, gettext_noop("Log retention (days)"),
             gettext_noop("Request logs older than this are deleted; 0 keeps them forever."),

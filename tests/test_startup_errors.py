@@ -28,6 +28,8 @@ BAD_VALUES = [
     ("ENABLE_CORS", "true", "ALLOWED_ORIGINS: ENABLE_CORS is on but no origin"),
     ("LOG_ENABLE_FILE", "yes-please", "LOG_ENABLE_FILE: expected true/false"),
     ("STATS_RETENTION_DAYS", "-3", "STATS_RETENTION_DAYS: must be at least 0"),
+    ("MAX_REQUEST_BODY_MB", "0", "MAX_REQUEST_BODY_MB: must be at least 1"),
+    ("HSTS_SECONDS", "a year", "HSTS_SECONDS: expected a whole number"),
 ]
 
 
@@ -95,3 +97,12 @@ def test_the_environment_wins_over_dotenv(tmp_path):
         env=base_env(PORT="3005", DATABASE_DSN=str(tmp_path / "x.db")), cwd=tmp_path, capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+def test_cors_for_every_origin_is_never_combined_with_credentials():
+    env = base_env(ENABLE_CORS="true", ALLOWED_ORIGINS="*", ALLOW_CREDENTIALS="true")
+    assert_one_clear_line(manage("check", env=env), "ALLOW_CREDENTIALS: cannot be combined with")
+    listed = base_env(
+        ENABLE_CORS="true", ALLOWED_ORIGINS="https://a.example", ALLOW_CREDENTIALS="true"
+    )
+    assert manage("check", env=listed).returncode == 0

@@ -10,8 +10,9 @@ Japanese, as GPT-Load), so each one is translated where it is raised, inside the
 request; `code` never is: clients match on it.
 
 Auth: `AUTH_KEY` as `Authorization: Bearer`, `X-Api-Key` or `X-Goog-Api-Key` (constant
-time), or the session of a staff user logged in to the admin (with CSRF). Never `?key=`:
-it would end up in access logs.
+time), or the session of a staff user logged in to the admin (with CSRF) who holds the
+console's permission for the area (`AREAS`; superusers hold all). Never `?key=`: it would
+end up in access logs.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from pydantic_core import from_json
 
 from gptload.lib.paging import BadCursor, Keyset, capped_count
 from gptload.lib.secrets import constant_time_in
+from gptload.lib.signin import throttle
 
 log = logging.getLogger("gptload.api")
 T = TypeVar("T")
@@ -187,9 +189,30 @@ def is_admin_key(key: str | None) -> bool:
     return bool(key) and constant_time_in(key or "", (settings.AUTH_KEY,))
 
 
+def admitted(request: HttpRequest, key: str | None) -> bool | None:
+    """Whether `key` is the AUTH_KEY. Wrong keys count as failed sign-ins of the caller's
+    address (`gptload.lib.signin.throttle`, shared with the console and /api/auth/login):
+    past the limit every key is refused with 429 until the window ends, the right one
+    too, so that guessing it stops paying."""
+    if not key:
+        return None
+    if wait := throttle.blocked_for(request):
+        raise ApiError(429, "TOO_MANY_REQUESTS", too_many_failures(wait))
+    if is_admin_key(key):
+        return True
+    throttle.failed(request)
+    return None
+
+
+def too_many_failures(wait: int) -> str:
+    return _("Too many failed sign-ins from your address: try again in %(minutes)d minutes.") % {
+        "minutes": (wait + 59) // 60
+    }
+
+
 class BearerKey(HttpBearer):
     def authenticate(self, request: HttpRequest, token: str) -> bool | None:
-        return True if is_admin_key(token) else None
+        return admitted(request, token)
 
 
 class HeaderKey(APIKeyHeader):
@@ -198,7 +221,44 @@ class HeaderKey(APIKeyHeader):
         super().__init__()
 
     def authenticate(self, request: HttpRequest, key: str | None) -> bool | None:
-        return True if is_admin_key(key) else None
+        return admitted(request, key)
+
+
+SUPERUSER = "superuser"
+# What a staff session needs, by the API's area (the first match of the path): the Django
+# permissions the console uses for the same pages, so one role means the same on both.
+# Reads of /api/keys need `change_apikey`, as the console's "reveal": they answer with the
+# keys in plaintext, and /api/settings likewise (the global proxy keys). An area not
+# named here is for superusers.
+AREAS = (
+    ("/api/tasks", "keys.%s_apikey", "view"),
+    ("/api/keys", "keys.%s_apikey", "change"),
+    ("/api/groups", "keys.%s_group", "view"),
+    ("/api/logs", "logs.%s_requestlog", "view"),
+    ("/api/dashboard", "logs.%s_requestlog", "view"),
+    ("/api/settings", "settings_app.%s_systemsetting", "change"),
+    ("/api/channel-types", "", ""),
+)
+ADDING = ("/add-multiple", "/add-async", "/copy")
+DELETING = ("/delete-multiple", "/delete-async", "/clear-all", "/clear-all-invalid")
+
+
+def required_permission(method: str, path: str) -> str:
+    """The permission a staff user needs for `method path` ("" for none: any staff user)."""
+    for prefix, permission, read in AREAS:
+        if path == prefix or path.startswith(prefix + "/"):
+            if not permission:
+                return ""
+            if method in ("GET", "HEAD", "OPTIONS"):
+                action = read
+            elif method == "DELETE" or path.rstrip("/").endswith(DELETING):
+                action = "delete"
+            elif path.rstrip("/").endswith(ADDING) or (method == "POST" and path == prefix):
+                action = "add"
+            else:
+                action = "change"
+            return permission % action
+    return SUPERUSER
 
 
 class StaffSession(SessionAuth):
@@ -215,6 +275,12 @@ class StaffSession(SessionAuth):
         if self.csrf and not getattr(request, "_ninja_csrf_exempt", False) and check_csrf(request):
             raise HttpError(403, _("CSRF check failed: send the csrftoken cookie's value as "
                             "X-CSRFToken, or authenticate with AUTH_KEY instead of the session."))  # fmt: skip
+        needed = required_permission(request.method or "GET", request.path)
+        allowed = (not needed or user.has_perm(needed)) if needed != SUPERUSER else user.is_superuser
+        if not allowed:
+            raise ApiError(403, "FORBIDDEN", _("Your account lacks the permission %(permission)s "
+                           "for this; ask an administrator, or use AUTH_KEY.")
+                           % {"permission": needed})  # fmt: skip
         return user
 
     def authenticate(self, request: HttpRequest, key: str | None) -> Any:

@@ -4,8 +4,9 @@ import pytest
 from django.core.exceptions import ValidationError
 from django.test import override_settings
 
+from gptload.lib.secrets import weakness
 from settings_app import registry
-from settings_app.models import SystemSetting
+from settings_app.models import SystemSetting, seed_first_boot_settings
 from settings_app.registry import SettingError
 
 GPT_LOAD_KEYS = {
@@ -40,7 +41,7 @@ def test_defaults_match_gpt_load_where_we_do_not_argue_otherwise():
 @override_settings(HOST="0.0.0.0", PORT=3005, AUTH_KEY="sk-from-env-123456789")
 def test_computed_defaults_come_from_the_environment():
     assert registry.get("app_url").default_value() == "http://localhost:3005"
-    assert registry.get("proxy_keys").default_value() == "sk-from-env-123456789"
+    assert registry.get("proxy_keys").default_value() == ""  # never the AUTH_KEY
 
 
 @pytest.mark.parametrize(
@@ -120,9 +121,16 @@ def test_effective_values_read_the_database():
 
 
 @pytest.mark.django_db
-def test_the_global_proxy_keys_are_seeded_from_auth_key_at_first_boot(settings):
-    stored = SystemSetting.objects.get(setting_key="proxy_keys")
-    assert stored.setting_value == settings.AUTH_KEY
+def test_the_global_proxy_key_made_at_first_boot_is_random_and_never_the_auth_key(settings):
+    stored = SystemSetting.objects.get(setting_key="proxy_keys").setting_value
+    assert stored != settings.AUTH_KEY
+    assert settings.AUTH_KEY not in stored
+    assert stored.startswith("sk-")
+    assert len(stored) == 51
+    assert weakness(stored) is None
+    SystemSetting.objects.filter(setting_key="proxy_keys").delete()
+    seed_first_boot_settings()
+    assert SystemSetting.objects.get(setting_key="proxy_keys").setting_value != stored
 
 
 @pytest.mark.django_db

@@ -17,8 +17,16 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "host", "content-length"})  # fmt: skip
 # The client's own credential for gptload, never passed upstream.
 CLIENT_CREDENTIALS = frozenset({"authorization", "x-api-key", "x-goog-api-key"})
-# Set by the server that answers the client (it adds its own `date` and `server`).
-SERVER_OWNED = frozenset({"date", "server"})
+# Set by the server that answers the client (it adds its own `date` and `server`), or
+# by gptload for every proxied answer: an upstream's cookies would be set on gptload's own
+# origin (the console's), and its content type and policy must not let a browser run
+# what it sent there (see ANSWER_SECURITY).
+SERVER_OWNED = frozenset({"date", "server", "set-cookie", "set-cookie2",
+                          "x-content-type-options", "content-security-policy"})  # fmt: skip
+# Added to every answer under /proxy/: whatever an upstream sends (HTML, an SVG, a script)
+# is never sniffed into something else, and is sandboxed if a browser renders it.
+ANSWER_SECURITY = ((b"x-content-type-options", b"nosniff"),
+                   (b"content-security-policy", b"sandbox; default-src 'none'; frame-ancestors 'none'"))  # fmt: skip
 VARIABLES = ("${CLIENT_IP}", "${GROUP_NAME}", "${API_KEY}", "${TIMESTAMP_MS}", "${TIMESTAMP_S}")
 
 

@@ -18,6 +18,7 @@ from django.db import DatabaseError, connection
 
 from gptload.lib import lifeline
 from gptload.lib.dsn import describe_database, mask_url
+from gptload.lib.httpserver import TimedHttpTools
 from gptload.lib.secrets import weakness
 from gptload.metrics import running
 from gptload.worker import WorkerSupervisor
@@ -107,7 +108,8 @@ class Command(BaseCommand):
             # uvicorn formats every access line before the logger drops it: only at debug.
             access_log=settings.LOG_LEVEL == "debug",
             proxy_headers=True,
-            forwarded_allow_ips="*",
+            http=TimedHttpTools,  # a deadline on each request's headers
+            forwarded_allow_ips=settings.FORWARDED_ALLOW_IPS,
         )
 
 
