@@ -20,6 +20,9 @@ from django.conf import settings
 from gptload.lib import lifeline
 
 ROOT = Path(__file__).resolve().parent
+# The fault suite's counts, printed in the summary (registered here so that the process
+# controlling pytest-xdist workers, which never collects tests/faults/, prints them).
+pytest_plugins = ["tests.faults.tally"]
 ON_MYSQL = settings.DATABASES["default"]["ENGINE"].endswith("mysql")
 ON_REDIS = bool(settings.REDIS_DSN)
 
@@ -36,14 +39,10 @@ def base_env(**overrides: str) -> dict[str, str]:
     env.update(overrides)
     return env
 
-    env["SECRET_KEY"] = TEST_SECRET_KEY  # else each server makes one in its state directory
 
 GPTLOAD_VARS = frozenset(
     [
         "PORT",
-TEST_SECRET_KEY = "test-only-django-secret-0123456789abcdefghijklmnop"
-
-
         "HOST",
         "SERVER_READ_TIMEOUT",
         "SERVER_WRITE_TIMEOUT",
@@ -74,12 +73,6 @@ TEST_SECRET_KEY = "test-only-django-secret-0123456789abcdefghijklmnop"
     ]
 )
 
-        "SECRET_KEY",
-        "MAX_REQUEST_BODY_MB",
-        "FORWARDED_ALLOW_IPS",
-        "SECURE_COOKIES",
-        "HSTS_SECONDS",
-        "HSTS_INCLUDE_SUBDOMAINS",
 
 def manage(
     *args: str, env: dict[str, str], timeout: float = 120
@@ -98,16 +91,6 @@ def manage(
 @pytest.fixture(scope="session")
 def store_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """Environment of a migrated database (and Redis) of its own, for server processes.
-@pytest.fixture(autouse=True)
-def _forget_failed_sign_ins() -> Iterator[None]:
-    """Wrong keys sent by one test (from the test client's 127.0.0.1) must not lock the
-    next ones out: failed sign-ins are counted per address, across the whole API."""
-    yield
-    from django.core.cache import cache
-
-    cache.delete("signin-failures:127.0.0.1")
-
-
 
     On the MariaDB run it is a fresh `test_gptload_srv_*` database, dropped at the end;
     otherwise a SQLite file in a temporary directory.

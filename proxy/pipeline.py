@@ -619,9 +619,12 @@ async def read_body(attempt: Attempt, upstream: aiohttp.ClientResponse) -> bytes
     try:
         return await upstream.read()
     except UNREACHABLE as exc:
+        # Nothing has reached the client yet: another key may still answer whole.
         error = f"upstream broke off: {type(exc).__name__}: {mask_in(str(exc), key.secret)}"
-        attempt.end(502, verdict=Verdict.FAILED, error=error, unanswered=True)
-        raise ProxyError(502, error, "upstream_error") from None
+        attempt.end(502, verdict=Verdict.FAILED, error=error, failover=True, unanswered=True)
+        body = attempt.target.group.provider.error_body(502, error, "upstream_error")
+        attempt.failure = ProxyResponse(502, [(b"content-type", b"application/json")], body)
+        return None
     except asyncio.CancelledError:
         attempt.end(499, error="client disconnected", blameless=True)
         raise
@@ -636,13 +639,14 @@ async def refused(attempt: Attempt, upstream: aiohttp.ClientResponse) -> ProxyRe
     assert key is not None  # noqa: S101
     group = target.group
     raw = await read_body(attempt, upstream)
-    assert raw is not None  # noqa: S101
+    if raw is None:
+        return None
     encoding = upstream.headers.get("content-encoding", "")
-    message = mask_in(parse_error_message(decode_whole(raw, encoding) or b""), key.secret)
+    plain = decode_whole(raw, encoding)
+    message = mask_in(parse_error_message(plain or b""), key.secret)
     status = upstream.status
     verdict = classify(status, message)
-    headers = relay_headers(upstream)
-    body = mask_in(raw, key.secret) if raw else raw
+    body, headers = masked(raw, plain, relay_headers(upstream), key.secret)
     response = ProxyResponse(status, headers, body)
     if status not in group.failover_codes and verdict is not Verdict.INVALID:
         # The client's mistake (Gemini says "bad key" with 400 too: that one retries).
@@ -654,15 +658,29 @@ async def refused(attempt: Attempt, upstream: aiohttp.ClientResponse) -> ProxyRe
     return None
 
 
-async def answer(attempt: Attempt, upstream: aiohttp.ClientResponse) -> ProxyResponse:
-    """A plain (non-stream) answer: read whole, then sent with its length in one piece.
+def masked(
+    raw: bytes, plain: bytes | None, headers: list[tuple[bytes, bytes]], secret: str
+) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """An upstream's error body and headers as the client may have them: every copy of the
+    key masked. A compressed body that quotes it (`plain`, decoded) goes out decoded."""
+    if not raw or not secret:
+        return raw, headers
+    if plain is not None and plain is not raw and secret.encode() in plain:
+        return mask_in(plain, secret), [h for h in headers if h[0] != b"content-encoding"]
+    return mask_in(raw, secret), headers
+
+
+async def answer(attempt: Attempt, upstream: aiohttp.ClientResponse) -> ProxyResponse | None:
+    """A plain (non-stream) answer: read whole, then sent with its length in one piece
+    (None: the upstream broke off before its end, and the call fails over).
 
     Cheaper than relaying it chunk by chunk, and the client loses nothing: it could not
     use a JSON body before its last byte anyway.
     """
     target = attempt.target
     raw = await read_body(attempt, upstream)
-    assert raw is not None  # noqa: S101
+    if raw is None:
+        return None
     status = upstream.status
     encoding = upstream.headers.get("content-encoding", "")
     tap = UsageTap(target.group.provider, False, encoding, strip=False)
@@ -674,14 +692,17 @@ async def answer(attempt: Attempt, upstream: aiohttp.ClientResponse) -> ProxyRes
     attempt.end(status, verdict=classify(status, error), error=error, usage=tap.usage,
                 cooldown=cooldown_of(upstream.headers))  # fmt: skip
     headers = relay_headers(upstream)
+    if status >= 400 and attempt.key is not None:
+        raw, headers = masked(raw, decode_whole(raw, encoding), headers, attempt.key.secret)
     return ProxyResponse(status, headers, raw)
 
 
-async def model_list(attempt: Attempt, upstream: aiohttp.ClientResponse) -> ProxyResponse:
+async def model_list(attempt: Attempt, upstream: aiohttp.ClientResponse) -> ProxyResponse | None:
     """Buffers the upstream's model list and answers it with the group's rules applied."""
     call, target = attempt.call, attempt.target
     raw = await read_body(attempt, upstream)
-    assert raw is not None  # noqa: S101
+    if raw is None:
+        return None
     group = target.group
     status = upstream.status
     rewritten = None
