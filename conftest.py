@@ -36,8 +36,12 @@ def free_port() -> int:
 def base_env(**overrides: str) -> dict[str, str]:
     """The environment for a child process: this one's, minus gptload's own variables."""
     env = {k: v for k, v in os.environ.items() if k not in GPTLOAD_VARS}
+    env["SECRET_KEY"] = TEST_SECRET_KEY  # else each server makes one in its state directory
     env.update(overrides)
     return env
+
+
+TEST_SECRET_KEY = "test-only-django-secret-0123456789abcdefghijklmnop"
 
 
 GPTLOAD_VARS = frozenset(
@@ -70,6 +74,12 @@ GPTLOAD_VARS = frozenset(
         "LOG_ENABLE_FILE",
         "LOG_FILE_PATH",
         "DJANGO_SETTINGS_MODULE",
+        "SECRET_KEY",
+        "MAX_REQUEST_BODY_MB",
+        "FORWARDED_ALLOW_IPS",
+        "SECURE_COOKIES",
+        "HSTS_SECONDS",
+        "HSTS_INCLUDE_SUBDOMAINS",
     ]
 )
 
@@ -86,6 +96,16 @@ def manage(
         timeout=timeout,
         check=False,
     )
+
+
+@pytest.fixture(autouse=True)
+def _forget_failed_sign_ins() -> Iterator[None]:
+    """Wrong keys sent by one test (from the test client's 127.0.0.1) must not lock the
+    next ones out: failed sign-ins are counted per address, across the whole API."""
+    yield
+    from django.core.cache import cache
+
+    cache.delete("signin-failures:127.0.0.1")
 
 
 @pytest.fixture(scope="session")
