@@ -22,8 +22,7 @@ def check_secrets(app_configs: Any = None, **kwargs: Any) -> list[Warning]:
         warnings.append(
             Warning(
                 f"AUTH_KEY is weak: {auth_problem}.",
-                hint="Anyone who knows it controls the console, the management API and, until the "
-                "proxy_keys setting is changed, every proxy group. "
+                hint="Anyone who knows it controls the console and the management API. "
                 "Set AUTH_KEY to a long random value, e.g. `python -c "
                 "\"import secrets; print('sk-' + secrets.token_urlsafe(36))\"`.",
                 id="gptload.W001",

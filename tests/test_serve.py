@@ -75,6 +75,20 @@ def test_without_auth_key_a_strong_one_is_made_kept_and_shown_once(serve, tmp_pa
     second.stop()
     assert key not in second.output()  # shown once; the command shows it again
     assert manage("auth_key", env={**store_env, **env}).stdout.strip() == key
+    # Clients get the global proxy key, a random one of its own: it opens /proxy/ only,
+    # and the AUTH_KEY never opens /proxy/.
+    proxy_key = manage("auth_key", "--proxy", env={**store_env, **env}).stdout.strip()
+    assert proxy_key.startswith("sk-")
+    assert proxy_key != key
+    assert weakness(proxy_key) is None
+    third = serve(env=env)
+    third.wait_ready()
+    assert httpx.get(third.url + "/api/channel-types",
+                     headers={"Authorization": f"Bearer {proxy_key}"}).status_code == 401  # fmt: skip
+    for client_key, status in ((proxy_key, 404), (key, 401)):  # no group: 404 for a global key
+        answer = httpx.post(third.url + "/proxy/none/v1/chat/completions", json={},
+                            headers={"Authorization": f"Bearer {client_key}"})  # fmt: skip
+        assert answer.status_code == status
 
 
 def test_daphne_serves_the_same_application(serve):

@@ -156,10 +156,11 @@ def warn_about_secrets(write: Any) -> None:
     if kept is not None and shown is not None and not shown.exists():
         write(
             f"{BANNER}\n!! No AUTH_KEY is set, so gptload made one; it keeps it in {kept}\n"
-            f"!! (mode 0600). It signs in to the console (/admin/), opens the management\n"
-            f"!! API (/api) and, until you change the proxy_keys setting, every proxy group:\n"
+            f"!! (mode 0600). It signs in to the console (/admin/) and opens the management\n"
+            f"!! API (/api); keep it for yourself:\n"
             f"!!\n!!     {settings.AUTH_KEY}\n!!\n"
-            "!! It is shown this once; `manage.py auth_key` prints it again.\n"
+            "!! It is shown this once; `manage.py auth_key` prints it again. Clients use\n"
+            "!! proxy keys instead: `manage.py auth_key --proxy` prints the global one.\n"
             f"{BANNER}"
         )
         shown.touch()
@@ -168,9 +169,8 @@ def warn_about_secrets(write: Any) -> None:
     if problem:
         write(
             f"{BANNER}\n!! WARNING: AUTH_KEY is weak: {problem}.\n"
-            "!! It signs in to the console (/admin/), opens the management API (/api)\n"
-            "!! and, until you change the proxy_keys setting, every proxy group. Set\n"
-            "!! AUTH_KEY to a long random value before exposing this port.\n"
+            "!! It signs in to the console (/admin/) and opens the management API\n"
+            "!! (/api). Set AUTH_KEY to a long random value before exposing this port.\n"
             f"{BANNER}"
         )
         sys.stderr.flush()
