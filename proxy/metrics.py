@@ -22,11 +22,20 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 
 from logs.writer import LogEntry
 from proxy.recorder import recorder
 
+# No `_created` series: multiprocess mode has none, and a scrape looks the same with one
+# web worker as with several.
+disable_created_metrics()
 # Not prometheus_client's global registry: the scrape shows these (and the database's
 # figures) alike with one worker or several, without the per-process Python collectors.
 REGISTRY = CollectorRegistry(auto_describe=True)
