@@ -43,6 +43,12 @@ class Keyset:
 
     column: str
 
+    # A page's ids are read first, then its rows (`_read`): the ids come off the index
+    # alone, so MariaDB takes the index that holds every column of the query (a group's
+    # `(group, column, id)`), where for whole rows it took `(column, id)` and looked up
+    # each row to check its group, or sorted the whole NULL part. In the NULL part the
+    # column is constant, so the order is by id alone.
+
     @property
     def order(self) -> tuple[str, str]:
         return (f"-{self.column}", "-pk")
@@ -77,17 +83,18 @@ class Keyset:
         """Up to `limit` rows of `rows` that follow the cursor (from the first without one)."""
         rows = rows.order_by(*self.order)
         if not cursor:
-            return list(rows[:limit])
+            return _read(rows, rows, limit)
         value, pk = self.position(rows.model, cursor)
         name = self.column
         if value is None:  # inside the NULL rows, which come last
-            return list(rows.filter(**{f"{name}__isnull": True, "pk__lt": pk})[:limit])
+            nulls = rows.filter(**{f"{name}__isnull": True, "pk__lt": pk}).order_by("-pk")
+            return _read(rows, nulls, limit)
         # `column <= t` is the index range; the ties at t before the cursor are skipped.
-        found = list(
-            rows.filter(**{f"{name}__lte": value}).exclude(**{name: value, "pk__gte": pk})[:limit]
-        )
+        older = rows.filter(**{f"{name}__lte": value}).exclude(**{name: value, "pk__gte": pk})
+        found = _read(rows, older, limit)
         if len(found) < limit and self._field(rows.model, name).null:
-            found += rows.filter(**{f"{name}__isnull": True})[: limit - len(found)]
+            nulls = rows.filter(**{f"{name}__isnull": True}).order_by("-pk")
+            found += _read(rows, nulls, limit - len(found))
         return found
 
     def before(self, rows: QuerySet[Any], cursor: str, limit: int) -> list[Any]:
@@ -97,19 +104,30 @@ class Keyset:
         rising = rows.order_by(name, "pk")
         found: list[Any] = []
         if value is None:
-            found = list(rising.filter(**{f"{name}__isnull": True, "pk__gt": pk})[:limit])
+            nulls = rows.filter(**{f"{name}__isnull": True, "pk__gt": pk}).order_by("pk")
+            found = _read(rows, nulls, limit)
             if len(found) < limit:
-                found += rising.filter(**{f"{name}__isnull": False})[: limit - len(found)]
+                used = rising.filter(**{f"{name}__isnull": False})
+                found += _read(rows, used, limit - len(found))
         else:
             nearer = rising.filter(**{f"{name}__gte": value}).exclude(
                 **{name: value, "pk__lte": pk}
             )
-            found = list(nearer[:limit])
+            found = _read(rows, nearer, limit)
         return found[::-1]
 
     @staticmethod
     def _field(model: type[Model], name: str) -> Field[Any, Any]:
         return cast("Field[Any, Any]", model._meta.get_field(name))  # a column, not a relation
+
+
+def _read(rows: QuerySet[Any], part: QuerySet[Any], limit: int) -> list[Any]:
+    """The first `limit` rows of `part` in its order: their ids, then those rows of `rows`."""
+    ids = list(part.values_list("pk", flat=True)[:limit])
+    if not ids:
+        return []
+    found = {row.pk: row for row in rows.filter(pk__in=ids).order_by()}
+    return [found[pk] for pk in ids if pk in found]
 
 
 def capped_count(rows: QuerySet[Any], limit: int) -> int:
@@ -182,11 +200,10 @@ class InfinitePaginator(paginator.InfinitePaginator):
         shown = list(rows)
         page = self._get_page(shown, number, self)
         query = self.query
-        if keyset is not None and keyset.serves(self.object_list) and query is not None:
-            if shown:
-                self.next_query = self._link(query, number + 1, AFTER_VAR, keyset.cursor(shown[-1]))
-                self.previous_query = self._link(query, number - 1, BEFORE_VAR,
-                                                 keyset.cursor(shown[0]))  # fmt: skip
+        if keyset is not None and keyset.serves(self.object_list) and query is not None and shown:
+            self.next_query = self._link(query, number + 1, AFTER_VAR, keyset.cursor(shown[-1]))
+            self.previous_query = self._link(query, number - 1, BEFORE_VAR,
+                                             keyset.cursor(shown[0]))  # fmt: skip
         return page
 
     def _link(self, query: QueryDict, number: int, name: str, cursor: str) -> str:
