@@ -157,12 +157,12 @@ class ProxyHandler:
         request = ProxyRequest(scope, body, route[2], route[3])
         if refusal is not None:
             request.refusal = refusal
-            response = await self.chain(request)
+            refused = await self.chain(request)
             if not await self._drain(receive, exchange, declared):
                 # The rest of the body stays unread: the connection cannot carry another
                 # request, and the server closes it after this answer.
-                response.raw_headers.append((b"connection", b"close"))  # type: ignore[attr-defined]
-            await self.send_response(response, send, exchange)
+                refused.raw_headers.append((b"connection", b"close"))  # type: ignore[attr-defined]
+            await self.send_response(refused, send, exchange)
             return
         request.admitted = admitted
         watcher = asyncio.create_task(self._watch_disconnect(receive, exchange))

@@ -572,7 +572,11 @@ async def try_once(attempt: Attempt, base: str) -> ProxyResponse | None:
         return await refused(attempt, upstream)
     if modellist.is_model_list(call.method, target.path) and (group.redirects or group.strict):
         return await model_list(attempt, upstream)
-    if target.stream or "text/event-stream" in upstream.headers.get("content-type", ""):
+    if status < 400 and (
+        target.stream or "text/event-stream" in upstream.headers.get("content-type", "")
+    ):
+        # An error is read whole even for a stream (it is short), so that its text is
+        # logged and the key it may quote is masked before the client sees it.
         relay = Relay(attempt, upstream)
         headers = relay_headers(upstream)
         if target.stream:  # ours, for proxies between gptload and the client
@@ -735,6 +739,12 @@ class Relay:
         encoding = upstream.headers.get("content-encoding", "")
         target = attempt.target
         self.tap = UsageTap(target.group.provider, self.sse, encoding, strip=target.strip_usage)
+        # An event that quotes the key (an error mid-stream) is masked on the way. Not in
+        # a compressed stream (relayed as it is), nor for a key short enough to occur in
+        # text by chance (a real provider key is long and random).
+        key = attempt.key
+        long_key = key is not None and len(key.secret) >= 16
+        self.secret = key.secret.encode() if long_key and not encoding else b""  # type: ignore[union-attr]
         self.finished = False
         self.cut = False  # the upstream broke off: the client must not see a clean end
 
@@ -744,9 +754,10 @@ class Relay:
     async def _stream(self) -> AsyncIterator[bytes]:
         ended, error = "cut", ""
         try:
+            secret = self.secret
             async for chunk in self.upstream.content.iter_any():
                 if out := self.tap.feed(chunk):
-                    yield out
+                    yield mask_in(out, self.attempt.key.secret) if secret and secret in out else out  # type: ignore[union-attr]
             if rest := self.tap.finish():
                 yield rest
             ended = "done"

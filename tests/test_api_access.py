@@ -3,6 +3,8 @@ permissions allow, area by area, as in the console; failed keys are rate limited
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from django.contrib.auth.models import Permission, User
 from django.test import Client
@@ -12,7 +14,7 @@ from keys.models import Group
 from settings_app.models import SystemSetting
 
 pytestmark = pytest.mark.django_db
-SETTINGS_BODY = {"content_type": "application/json", "data": '{"max_retries": 2}'}
+SETTINGS_BODY: dict[str, Any] = {"content_type": "application/json", "data": '{"max_retries": 2}'}
 
 
 def session(*permissions: str, superuser: bool = False) -> Client:

@@ -74,7 +74,7 @@ def read_within(receive: Any, send: Any, seconds: float) -> Any:
     async def timed_receive() -> dict[str, Any]:
         nonlocal reading
         if not reading:
-            return await receive()  # type: ignore[no-any-return]
+            return await receive()
         try:
             async with asyncio.timeout_at(deadline):
                 message: dict[str, Any] = await receive()

@@ -28,8 +28,11 @@ def build_logging(level: str, fmt: str, file_path: Path | None) -> dict[str, Any
                 "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
             },
         },
+        # Every handler masks credentials, whoever logs them and at any level (a library's
+        # debug line with an upstream URL, an access line with ?key=).
+        "filters": {"redact": {"()": "gptload.lib.secrets.Redacting"}},
         "handlers": {
-            "console": {"class": "logging.StreamHandler", "formatter": fmt},
+            "console": {"class": "logging.StreamHandler", "formatter": fmt, "filters": ["redact"]},
         },
         "root": {"level": LEVELS[level], "handlers": handlers},
         "loggers": {
@@ -49,6 +52,7 @@ def build_logging(level: str, fmt: str, file_path: Path | None) -> dict[str, Any
             "class": "logging.handlers.WatchedFileHandler",
             "filename": str(file_path),
             "formatter": fmt,
+            "filters": ["redact"],
             "delay": True,
         }
         handlers.append("file")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import os
+import re
 import secrets
 import time
 from pathlib import Path
@@ -54,6 +56,47 @@ def mask_in(text: AnyStr, secret: str) -> AnyStr:
         raw = secret.encode()
         return text.replace(raw, mask(secret).encode()) if raw in text else text
     return text.replace(secret, mask(secret)) if secret in text else text
+
+
+# Credentials as they appear in text that gptload did not write itself (an upstream's
+# error, a library's log line, a URL): a `key=` query parameter, a Bearer token, the
+# key headers, and the key shapes of the providers gptload serves.
+CREDENTIALS = re.compile(
+    r"(?P<lead>(?:[?&;]key=)|(?:\bBearer\s+)|(?:\b(?:x-api-key|x-goog-api-key|api[_-]?key)"
+    r"[\"']?\s*[:=]\s*[\"']?))(?P<secret>[^\s&\"',;}]{6,})"
+    r"|(?P<bare>\b(?:sk-[A-Za-z0-9_\-]{16,}|AIza[0-9A-Za-z_\-]{30,}))",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str) -> str:
+    """`text` with every credential-looking value masked (`mask`): the one pass that
+    server log lines go through (`Redacting`), whatever logger wrote them."""
+    if not text:
+        return text
+
+    def masked(match: re.Match[str]) -> str:
+        if match.group("bare"):
+            return mask(match.group("bare"))
+        return match.group("lead") + mask(match.group("secret"))
+
+    return CREDENTIALS.sub(masked, text)
+
+
+class Redacting(logging.Filter):
+    """Masks credentials in every record a handler writes: the formatted message, and an
+    exception's text (a library's error may carry a URL with `?key=`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
 
 
 def stored_secret(path: Path, prefix: str = "") -> tuple[str, bool]:
