@@ -53,8 +53,8 @@ def test_keys_and_jobs_are_counted_from_the_database(client, admin_api):
         key = APIKey.build(group, f"sk-scraped-{number:04d}")
         key.status = status
         key.save()
-    for status in (JobStatus.SUCCEEDED, JobStatus.SUCCEEDED, JobStatus.FAILED):
-        KeyJob.objects.create(kind=JobKind.IMPORT, group=group, status=status)
+    for job_status in (JobStatus.SUCCEEDED, JobStatus.SUCCEEDED, JobStatus.FAILED):
+        KeyJob.objects.create(kind=JobKind.IMPORT, group=group, status=job_status)
     found = figures(client.get("/metrics", headers=ADMIN).content.decode())
     assert value(found, "gptload_keys", group="scraped", state="active") == 3
     assert value(found, "gptload_keys", group="scraped", state="invalid") == 2
