@@ -54,9 +54,13 @@ class WorkerSupervisor:
         while not self._stopping.is_set():
             began = time.monotonic()
             # Its own process group: a Ctrl-C on the terminal reaches it through us, once.
+            # Run from the project folder, wherever `serve` was started from: `-A gptload`
+            # is found on the working directory (Celery does not put the script's folder
+            # on the path as `manage.py` does).
             self.process = subprocess.Popen(  # noqa: S603 - our own argv
-                self.command, start_new_session=True, env=lifeline.child_env()
-            )
+                self.command, start_new_session=True, env=lifeline.child_env(),
+                cwd=settings.BASE_DIR,
+            )  # fmt: skip
             code = self.process.wait()
             if self._stopping.is_set():
                 return

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import ADMIN_KEY, ON_MYSQL, free_port, manage
+from conftest import ADMIN_KEY, ON_MYSQL, ROOT, free_port, manage
 from gptload.lib.secrets import weakness
 from tests.fakeprovider import Behaviour, FakeProvider
 
@@ -255,10 +255,13 @@ def workers_of(server) -> set[int]:
     return {pid for pid, cmd in children(server.process.pid).items() if "celery" in cmd}
 
 
-def test_serve_runs_and_supervises_the_embedded_worker(serve):
+def test_serve_runs_and_supervises_the_embedded_worker(serve, tmp_path):
+    """Started from another folder (the worker once looked for `gptload` there, and
+    restarted for ever)."""
     port = free_port()
-    server = serve(sys.executable, "manage.py", "serve", "--host", "127.0.0.1", "--port",
-                   str(port), "--worker", env={"AUTH_KEY": ADMIN_KEY}, port=port)  # fmt: skip
+    command = (f"cd {tmp_path} && exec {sys.executable} {ROOT / 'manage.py'} serve --host "
+               f"127.0.0.1 --port {port} --worker")  # fmt: skip
+    server = serve("sh", "-c", command, env={"AUTH_KEY": ADMIN_KEY}, port=port)
     server.wait_ready()
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     group = httpx.post(server.url + "/api/groups", headers=admin, json={
