@@ -1,4 +1,4 @@
-"""Redis, then the database, stopped (killed) and started again while clients call
+"""Redis, then the database, stopped and started again while clients call
 without pause. The proxy serves on what it holds in memory: no client may see an error
 (every key is healthy), and every call's log row must be written once the database is
 back (none lost). Both run on servers of the test's own (a private redis-server, a
@@ -31,6 +31,7 @@ from tests.faults.conftest import (
 from tests.faults.tally import Tally
 
 CLIENTS = 4  # threads calling at once, plain and streamed calls in turn
+PAUSE = 0.05  # seconds between one client's calls: a steady load, not a flood
 MESSAGES: Any = [{"role": "user", "content": "hi"}]
 
 
@@ -52,6 +53,7 @@ class Load:
         client = openai.OpenAI(base_url=self.base, api_key=PROXY_KEY, max_retries=0, timeout=30)
         stream = bool(number % 2)
         while self.running:
+            time.sleep(PAUSE)
             try:
                 text = ask(client, stream)
                 error = "" if text == full_text() else f"incomplete answer {text!r}"
@@ -124,9 +126,9 @@ def test_redis_stopped_and_restarted_under_load_costs_no_call_and_no_row(
         until_sent(load, 10)
         private_redis.kill()
         assert eventually(lambda: gateway.health()["status"] == "unhealthy", 10)
-        until_sent(load, 30)  # served on local state while Redis is away
+        until_sent(load, 20)  # served on local state while Redis is away
         private_redis.start()
-        until_sent(load, 30)
+        until_sent(load, 20)
     finally:
         load.stop()
     check_nothing_lost(gateway, group, load, tally)
@@ -144,12 +146,12 @@ def test_the_database_stopped_and_restarted_under_load_costs_no_call_and_no_row(
     load = Load(gateway, group)
     try:
         until_sent(load, 10)
-        private_mariadb.kill()
+        private_mariadb.stop()
         assert eventually(lambda: gateway.health()["status"] == "unhealthy", 10)
-        until_sent(load, 30)  # served from the snapshot while the database is away
+        until_sent(load, 20)  # served from the snapshot while the database is away
         time.sleep(1)  # a write-behind of key states and a log batch fail meanwhile
         private_mariadb.start()
-        until_sent(load, 30)
+        until_sent(load, 20)
     finally:
         load.stop()
     check_nothing_lost(gateway, group, load, tally)

@@ -25,7 +25,7 @@ import pytest
 from google.genai import errors as genai_errors
 
 from proxy.tests.conftest import PROXY_KEY
-from proxy.tests.test_sdk_matrix import call
+from proxy.tests.test_sdk_matrix import call, claude, openai_chat, openai_responses
 from tests.codings import decompress
 from tests.fakeprovider import (
     COMPLETION_TOKENS,
@@ -64,8 +64,24 @@ class Outcome:
         return f"{self.client[0]} {'stream' if self.client[1] else 'plain'}"
 
 
+# One HTTP client per SDK for every call: an SDK client made with its own takes tens of
+# milliseconds of CPU to set up (its TLS context), each time.
+HTTP = {"openai": openai.DefaultHttpxClient(), "anthropic": anthropic.DefaultHttpxClient()}
+
+
 def sdk_call(base: str, client: Client) -> str:
+    """The answer text as the SDK for the client's channel assembles it, sync."""
     channel, stream = client
+    sdk: Any
+    if channel in ("openai", "openai-response"):
+        sdk = openai.OpenAI(base_url=base + "/v1", api_key=PROXY_KEY, max_retries=0,
+                            timeout=30, http_client=HTTP["openai"])  # fmt: skip
+        ask = openai_chat if channel == "openai" else openai_responses
+        return asyncio.run(ask(sdk, False, stream))
+    if channel == "anthropic":
+        sdk = anthropic.Anthropic(base_url=base, api_key=PROXY_KEY, max_retries=0, timeout=30,
+                                  http_client=HTTP["anthropic"])  # fmt: skip
+        return asyncio.run(claude(sdk, False, stream))
     return asyncio.run(call(channel, base, "sync", stream))
 
 
