@@ -80,7 +80,8 @@ class Command(BaseCommand):
             embedded = not settings.REDIS_DSN and not settings.IS_SLAVE
         supervisor = WorkerSupervisor() if embedded else None
         if supervisor is not None:
-            self.stdout.write("embedded Celery worker with beat: on (filesystem broker)")
+            broker = "Redis broker" if settings.REDIS_DSN else "filesystem broker"
+            self.stdout.write(f"embedded Celery worker with beat: on ({broker})")
             self.stdout.flush()
             supervisor.start()
         # uvicorn re-raises SIGTERM once it has shut down gracefully; exit 0 then, as a
