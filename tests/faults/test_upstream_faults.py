@@ -366,11 +366,16 @@ def compressed_call(
 # -- no healthy key left: the client sees the provider's last answer, key masked -------------
 
 
+@pytest.mark.parametrize(
+    "failover_codes", ["401-403,408,429,500-599", "500-599"], ids=["failed over", "passed on"]
+)
 def test_with_no_healthy_key_the_client_gets_the_last_answer_with_the_key_masked(
-    gateway: Gateway, tally: Tally
+    gateway: Gateway, tally: Tally, failover_codes: str
 ) -> None:
+    """The upstream's 401 quotes the key, compressed: whether it ends the failover or is
+    passed on at once (401 not a failover status), the client reads the key masked."""
     secret = f"sk-only-key-{uuid.uuid4().hex}"
-    group = gateway.group([secret])
+    group = gateway.group([secret], failover_status_codes=failover_codes)
     gateway.fake.behave(secret, Behaviour(status=401))  # compressed, quoting the whole key
     client = openai.OpenAI(base_url=gateway.proxy(group) + "/v1", api_key=PROXY_KEY,
                            max_retries=0)  # fmt: skip
