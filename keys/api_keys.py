@@ -172,6 +172,11 @@ class TaskStatusOut(Schema):
     started_at: datetime | None
     finished_at: datetime | None
     duration_seconds: float
+    waiting_for_worker: bool = Field(
+        description="pending while no Celery worker has been seen lately: it will not start "
+        "until one runs (gptload's own)"
+    )
+    note: str = Field(description="what to do about it, in the caller's language")
 
 
 class TasksStatusOut(TaskStatusOut):

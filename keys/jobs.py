@@ -27,8 +27,9 @@ from celery import current_app
 from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
-from django.utils.translation import gettext_lazy
+from django.utils.translation import gettext_lazy, gettext_noop
 
+from gptload.lib import heartbeat
 from gptload.lib.crypto import DecryptionError, current_cipher
 from keys import checker, services
 from keys.models import Group, JobKind, JobStatus, KeyJob, KeyJobPart, KeyStatus
@@ -287,9 +288,10 @@ def describe(job: KeyJob | None) -> dict[str, Any]:
         return {"id": None, "task_type": "", "kind": "", "status": "", "is_running": False,
                 "group_id": None, "group_name": "", "processed": 0, "total": 0, "result": None,
                 "error": "", "created_at": None, "started_at": None, "finished_at": None,
-                "duration_seconds": 0.0}  # fmt: skip
+                "duration_seconds": 0.0, "waiting_for_worker": False, "note": ""}  # fmt: skip
     end = job.finished_at or timezone.now()
     duration = (end - job.started_at).total_seconds() if job.started_at else 0.0
+    waiting = job.status == JobStatus.PENDING and not worker_alive()
     return {
         "id": job.pk,
         "task_type": TASK_TYPES[JobKind(job.kind)],
@@ -306,7 +308,21 @@ def describe(job: KeyJob | None) -> dict[str, Any]:
         "started_at": job.started_at,
         "finished_at": job.finished_at,
         "duration_seconds": round(max(duration, 0.0), 3),
+        # Pending with no worker heard from lately: it will not start by itself.
+        "waiting_for_worker": waiting,
+        "note": _(NO_WORKER) if waiting else "",
     }
+
+
+NO_WORKER = gettext_noop(
+    "Waiting for a worker: no Celery worker has been seen for a few "
+    "minutes. Start one (celery -A gptload worker; make run embeds one)."
+)
+
+
+def worker_alive() -> bool:
+    """Whether a Celery worker noted it was alive lately (its heartbeat)."""
+    return heartbeat.background()[heartbeat.WORKER].alive
 
 
 def describe_error(exc: BaseException) -> str:

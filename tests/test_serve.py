@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import ADMIN_KEY, ON_MYSQL, ROOT, free_port, manage
+from conftest import ADMIN_KEY, ON_MYSQL, ON_REDIS, ROOT, free_port, manage
 from gptload.lib.secrets import weakness
 from tests.fakeprovider import Behaviour, FakeProvider
 
@@ -414,3 +414,35 @@ def running(pid: int) -> bool:
         return (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_without_a_worker_jobs_say_they_wait_for_one_and_serve_says_what_to_run(serve, store_env):
+    # Forget the heartbeat of any worker an earlier test ran on this store.
+    if ON_REDIS:
+        from django.core.cache import cache
+
+        cache.delete("heartbeat:worker")
+    else:
+        db = Path(store_env["DATABASE_DSN"].removeprefix("sqlite:///"))
+        (db.parent / "celery" / "heartbeat-worker").unlink(missing_ok=True)
+    port = free_port()
+    server = serve(sys.executable, "manage.py", "serve", "--host", "127.0.0.1", "--port",
+                   str(port), "--no-worker", env={"AUTH_KEY": ADMIN_KEY}, port=port)  # fmt: skip
+    server.wait_ready()
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    group = httpx.post(server.url + "/api/groups", headers=admin, json={
+        "name": f"wait{time.monotonic_ns()}", "channel_type": "openai", "test_model": "m",
+        "upstreams": [{"url": "https://api.openai.com", "weight": 1}]}).json()["data"]  # fmt: skip
+    started = httpx.post(server.url + "/api/keys/add-async", headers=admin,
+                         json={"group_id": group["id"], "keys_text": "sk-wait-1111111111"})  # fmt: skip
+    assert started.status_code == 200, started.text
+    status = httpx.get(server.url + f"/api/tasks/status?group_id={group['id']}",
+                       headers={**admin, "Accept-Language": "ja"}).json()["data"]  # fmt: skip
+    assert status["status"] == "pending"
+    assert status["waiting_for_worker"] is True
+    assert "celery -A gptload worker" in status["note"]
+    assert "ワーカー" in status["note"]
+    server.stop()
+    output = server.output()
+    assert "celery -A gptload worker" in output
+    assert "celery -A gptload beat" in output

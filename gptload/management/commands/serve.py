@@ -84,6 +84,16 @@ class Command(BaseCommand):
             self.stdout.write(f"embedded Celery worker with beat: on ({broker})")
             self.stdout.flush()
             supervisor.start()
+        else:
+            # Nothing here runs the jobs: say what must, so that they are not left pending.
+            self.stdout.write(
+                "no embedded Celery worker: key imports, validations and the periodic jobs "
+                "need, somewhere in this installation,\n"
+                "  celery -A gptload worker --loglevel=warning   (one or more)\n"
+                "  celery -A gptload beat --loglevel=warning     (exactly one)\n"
+                "/health/ready and the dashboard say when none has been seen lately."
+            )
+            self.stdout.flush()
         # uvicorn re-raises SIGTERM once it has shut down gracefully; exit 0 then, as a
         # clean stop should look to a supervisor.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
