@@ -205,8 +205,10 @@ class Command(BaseCommand):
             write("  request logs and hourly statistics: not imported (--with-logs imports them)")
         if dry_run:
             write(self.style.WARNING("Dry run: nothing was written."))
-        else:
+        elif summary.wrote:
             write(self.style.SUCCESS("Done. Running gptload processes have picked it up."))
+        else:
+            write(self.style.SUCCESS("Done: everything was here already."))
 
 
 def unreadable(check: keys_importer.KeyCheck, cipher: Cipher) -> str:
