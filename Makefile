@@ -64,6 +64,12 @@ bench-levers: $(VENV)/.installed-dev
 
 # Re-pin every dependency (transitive ones too) after editing requirements*.in.
 lock: $(VENV)/.installed-dev
+# Steady load with faults mixed in for 30 minutes: RSS, open files and tasks must stay flat
+# (bench/soak.py, bench/README.md); BENCH_ARGS="--minutes 3" for a short run.
+.PHONY: soak
+soak: $(VENV)/.installed-dev
+	$(PY) bench/soak.py $(BENCH_ARGS)
+
 	$(VENV)/bin/pip-compile -q --strip-extras --no-header --allow-unsafe --no-emit-index-url \
 	  --no-emit-find-links -o requirements.txt requirements.in
 	$(VENV)/bin/pip-compile -q --strip-extras --no-header --allow-unsafe --no-emit-index-url \
