@@ -296,7 +296,10 @@ def import_keys(
             source, db.text_value(row["key_value"]), db.text_value(row.get("key_hash"))
         )
         if secret is None:
-            raise ImportRefused(f"key {row['id']} does not decrypt")
+            raise ImportRefused(
+                f"key {row['id']} does not decrypt, though every key did a moment ago: "
+                "is GPT-Load still writing to its database?"
+            )
         digest = ours.hash(secret)
         if digest in by_group[plan.source_id]:
             tally.unchanged += 1  # the same key twice in one GPT-Load group

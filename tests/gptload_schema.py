@@ -4,7 +4,7 @@ The tables are what GORM's AutoMigrate makes of GPT-Load's models
 (`internal/models/types.go` at v1.4.9) on SQLite (glebarez/sqlite) and on MySQL/MariaDB:
 the same names, column types, defaults and indexes. Values are written as GPT-Load's
 drivers write them: on SQLite times are text with nanoseconds and an offset and
-booleans 0/1; on MariaDB times are UTC `datetime(3)`. Keys are encrypted with
+booleans 0/1; on MariaDB times are `datetime(3)` in the DSN's `loc` (here UTC+8). Keys are encrypted with
 GPT-Load's scheme (ours: `gptload.lib.crypto` is the same AES-256-GCM) when the world is
 built with an ENCRYPTION_KEY.
 """
@@ -154,7 +154,8 @@ class World:
         if self.dialect == "sqlite":
             local = moment.astimezone(BEIJING)
             return local.strftime("%Y-%m-%d %H:%M:%S.%f") + "123" + local.strftime("%z")[:3] + ":00"
-        return moment.astimezone(UTC).replace(tzinfo=None)
+        # The Go driver under `loc=Asia%2FShanghai` (or `loc=Local` with that TZ).
+        return moment.astimezone(BEIJING).replace(tzinfo=None)
 
     def insert(self, table: str, row: dict[str, Any]) -> None:
         mark = "?" if self.dialect == "sqlite" else "%s"

@@ -80,7 +80,7 @@ def _mariadb_database(made: list[str]) -> tuple[object, str]:
     # GPT-Load's own DSN form, as its .env holds it.
     return (
         connection,
-        f"{db['USER']}{password}@tcp({host}:{port})/{name}?charset=utf8mb4&parseTime=True&loc=Local",
+        f"{db['USER']}{password}@tcp({host}:{port})/{name}?charset=utf8mb4&parseTime=True&loc=Asia%2FShanghai",
     )
 
 
@@ -340,3 +340,11 @@ def test_times_keep_their_instant_across_drivers():
     assert time_value("2026-07-01T12:00:00.123456Z") == expected
     assert time_value("2026-07-01 12:00:00.123456 +0000 UTC") == expected
     assert time_value(datetime(2026, 7, 1, 12, 0, 0, 123456)) == expected
+
+
+def test_mysql_times_are_read_in_the_dsn_location():
+    from gptload.lib.gptload_db import _zone_of
+
+    assert str(_zone_of("u:p@tcp(h:3306)/db?parseTime=True", "Europe/Paris")) == "UTC"
+    assert str(_zone_of("u:p@tcp(h:3306)/db?loc=Local", "Asia/Shanghai")) == "Asia/Shanghai"
+    assert str(_zone_of("u:p@tcp(h:3306)/db?loc=Europe%2FParis", "UTC")) == "Europe/Paris"

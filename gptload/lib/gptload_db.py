@@ -7,8 +7,10 @@ module hides that:
 
 - SQLite (glebarez/sqlite, pure Go) stores times as text such as
   `2026-07-01 12:00:00.123456789+08:00` and booleans as 0/1;
-- MySQL/MariaDB stores `datetime(3)` in UTC (the Go driver's default location) and JSON
-  columns as text; PostgreSQL stores `timestamptz` and `json`, which psycopg decodes.
+- MySQL/MariaDB stores `datetime(3)` without a zone, in the DSN's `loc`: UTC when it names
+  none, GPT-Load's own `TZ` for `loc=Local` (its `.env.example` has both that and
+  `TZ=Asia/Shanghai`), and JSON columns as text; PostgreSQL stores `timestamptz` and
+  `json`, which psycopg decodes.
 
 Rows are read a batch at a time in the order of their primary key (`WHERE id > last
 ORDER BY id LIMIT n`), so that no table is ever held whole, whatever its size, on any of
@@ -26,6 +28,8 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gptload.lib.dsn import describe_database, parse_database
 from gptload.lib.env import ConfigError
@@ -49,7 +53,8 @@ Row = dict[str, Any]
 class Source:
     """A GPT-Load database given by its `DATABASE_DSN` (any form GPT-Load accepts)."""
 
-    def __init__(self, dsn: str, base_dir: Path) -> None:
+    def __init__(self, dsn: str, base_dir: Path, local_zone: str = "UTC") -> None:
+        """`local_zone`: GPT-Load's `TZ`, the zone of MySQL times under `loc=Local`."""
         if not dsn.strip():
             raise SourceError("give GPT-Load's DATABASE_DSN with --from")
         try:
@@ -58,6 +63,7 @@ class Source:
             raise SourceError(str(exc).replace("DATABASE_DSN", "--from", 1)) from None
         self.engine = str(config["ENGINE"]).rsplit(".", 1)[-1]
         self.description = describe_database(config)
+        self.zone = _zone_of(dsn, local_zone) if self.engine == "mysql" else ZoneInfo("UTC")
         self._connection = _connect(self.engine, config, self.description)
         self._quote = "`" if self.engine == "mysql" else '"'
         self._columns: dict[str, list[str]] = {}
@@ -118,7 +124,8 @@ class Source:
         after = f"SELECT {listed} FROM {self.quote(table)} WHERE {self.quote('id')} > %s {order}"  # noqa: S608
         cursor = self._execute(first, ())
         while True:
-            rows = [dict(zip(present, values, strict=True)) for values in cursor.fetchall()]
+            rows = [dict(zip(present, map(self._zoned, values), strict=True))
+                    for values in cursor.fetchall()]  # fmt: skip
             cursor.close()
             if not rows:
                 return
@@ -126,6 +133,12 @@ class Source:
             if len(rows) < size:
                 return
             cursor = self._execute(after, (rows[-1]["id"],))
+
+    def _zoned(self, value: Any) -> Any:
+        """A zoneless datetime read as a time in the database's zone."""
+        if isinstance(value, datetime) and value.tzinfo is None:
+            return value.replace(tzinfo=self.zone).astimezone(UTC)
+        return value
 
     def quote(self, name: str) -> str:
         return f"{self._quote}{name}{self._quote}"
@@ -145,6 +158,17 @@ class Source:
         # PostgreSQL refuses every statement after a failed one until a rollback.
         with contextlib.suppress(Exception):  # nothing to undo on a read-only connection
             self._connection.rollback()
+
+
+def _zone_of(dsn: str, local_zone: str) -> ZoneInfo:
+    """The zone the Go MySQL driver wrote times in: the DSN's `loc` (default UTC)."""
+    query = dsn.split("?", 1)[1] if "?" in dsn else ""
+    location = dict(parse_qsl(query)).get("loc", "UTC")
+    name = local_zone if location == "Local" else location
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise SourceError(f"unknown time zone {name!r} (loc= in --from, or TZ)") from None
 
 
 def _connect(engine: str, config: dict[str, Any], description: str) -> Any:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
@@ -84,13 +85,16 @@ class Command(BaseCommand):
         if secret is None:
             secret = os.environ.get(ENCRYPTION_KEY_VARIABLE, "")
         try:
-            source = db.Source(options["dsn"], Path.cwd())
+            # GPT-Load and gptload read the same TZ variable: under `loc=Local` GPT-Load's
+            # MySQL times are in it.
+            source = db.Source(options["dsn"], Path.cwd(), settings.TIME_ZONE)
         except db.SourceError as exc:
             raise CommandError(str(exc)) from None
+        self.writing = False
         try:
             summary = self.run(source, Cipher(secret), options["dry_run"], options["with_logs"])
         except (db.SourceError, keys_importer.ImportRefused) as exc:
-            raise CommandError(f"{exc}. Nothing was imported.") from None
+            raise CommandError(f"{exc}. {self.what_was_kept()}") from None
         finally:
             source.close()
         self.report(source, summary, options["dry_run"])
@@ -106,6 +110,7 @@ class Command(BaseCommand):
         groups = plan.by_source_id()
         members = [r for b in source.batches("group_sub_groups", keys_importer.MEMBER_COLUMNS)
                    for r in b]  # fmt: skip
+        self.writing = not dry_run
         with _phase(dry_run):
             summary.groups = (
                 keys_importer.count_groups(plan) if dry_run else keys_importer.store_groups(plan)
@@ -129,6 +134,14 @@ class Command(BaseCommand):
         if summary.wrote and not dry_run:
             config_changed(ChangeScope.ALL)  # once, so every running node reloads it all
         return summary
+
+    def what_was_kept(self) -> str:
+        if not self.writing:
+            return "Nothing was imported."
+        return (
+            "The phases finished before it were stored (each is one transaction): fix the "
+            "cause, stop GPT-Load if it runs, and run the import again to finish it."
+        )
 
     def check_keys(self, source: db.Source, cipher: Cipher) -> None:
         check = keys_importer.KeyCheck()
