@@ -54,7 +54,9 @@ def eventually(check: Callable[[], Any], seconds: float = 15, step: float = 0.1)
 
 class Served(Server):
     """A gptload server whose output goes to a file, not a pipe: a long-lived server's
-    warnings (each fault logs one) would otherwise fill the pipe and stall it."""
+    warnings (each fault logs one) would otherwise fill the pipe and stall it. Its
+    database is migrated already (`store_env`, or a copy of it): it starts without
+    looking at the migrations."""
 
     def __init__(self, env: dict[str, str], log: Path, *extra: str) -> None:
         port = free_port()
@@ -63,7 +65,7 @@ class Served(Server):
         self.log = log
         self._sink: BinaryIO = log.open("wb")
         command = [sys.executable, "manage.py", "serve", "--host", "127.0.0.1", "--port",
-                   str(port), "--no-worker", *extra]  # fmt: skip
+                   str(port), "--no-worker", "--no-migrate", *extra]  # fmt: skip
         self.process = subprocess.Popen(  # type: ignore[assignment]
             command, env=lifeline.child_env(env), cwd=ROOT, stdout=self._sink,
             stderr=subprocess.STDOUT,
