@@ -17,3 +17,14 @@ if worker.startswith("gw") and dsn:
     parts = urlsplit(dsn)
     base = int(parts.path.strip("/") or 0)
     os.environ["REDIS_DSN"] = parts._replace(path=f"/{base + int(worker[2:])}").geturl()
+
+
+def pytest_sessionstart(session: object) -> None:
+    """This run's Redis database starts empty: shared key states, heartbeats and caches
+    left by an earlier run (a killed one, say) would otherwise apply to this run's rows,
+    whose ids a fresh test database gives out again."""
+    if not dsn:
+        return
+    import redis
+
+    redis.Redis.from_url(os.environ["REDIS_DSN"]).flushdb()
