@@ -17,7 +17,7 @@ SQLITE_WORKERS ?= 2
 MYSQL_WORKERS ?= 2
 BENCH_ARGS ?=
 
-.PHONY: browser-deps run test test-sqlite test-mysql lint format lock bench bench-keys bench-levers migrate clean system-deps
+.PHONY: browser-deps run test test-sqlite test-mysql test-docker lint format lock bench bench-keys bench-levers migrate clean system-deps
 
 run: $(VENV)/.installed
 	$(PY) manage.py serve
@@ -36,6 +36,12 @@ test-mysql: $(VENV)/.installed-dev
 	@echo "== tests on MariaDB + Redis =="
 	.ci/services
 	DATABASE_DSN=$(TEST_DATABASE_DSN) REDIS_DSN=$(TEST_REDIS_DSN) $(TEST_SECRETS) $(PY) -m pytest -p tests.redis_per_worker -n $(MYSQL_WORKERS) $(PYTEST_ARGS)
+
+# The Docker image and the Compose file, built and run here for real (tests/docker/run.py):
+# one container, then the cluster profile on this machine's MariaDB and Redis. Not part of
+# `make test`: it needs root (it installs and starts a Docker engine when there is none).
+test-docker: $(VENV)/.installed-dev
+	$(PY) -m tests.docker.run
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format --check .
@@ -58,18 +64,18 @@ bench: $(VENV)/.installed-dev
 bench-keys: $(VENV)/.installed-dev
 	$(PY) bench/keys.py $(BENCH_ARGS)
 
-# Key picks with many keys cooling, one group's rebuild, full GC with a big snapshot: now vs before.
-bench-levers: $(VENV)/.installed-dev
-	$(PY) bench/levers.py $(BENCH_ARGS)
-
-# Re-pin every dependency (transitive ones too) after editing requirements*.in.
-lock: $(VENV)/.installed-dev
 # Steady load with faults mixed in for 30 minutes: RSS, open files and tasks must stay flat
 # (bench/soak.py, bench/README.md); BENCH_ARGS="--minutes 3" for a short run.
 .PHONY: soak
 soak: $(VENV)/.installed-dev
 	$(PY) bench/soak.py $(BENCH_ARGS)
 
+# Key picks with many keys cooling, one group's rebuild, full GC with a big snapshot: now vs before.
+bench-levers: $(VENV)/.installed-dev
+	$(PY) bench/levers.py $(BENCH_ARGS)
+
+# Re-pin every dependency (transitive ones too) after editing requirements*.in.
+lock: $(VENV)/.installed-dev
 	$(VENV)/bin/pip-compile -q --strip-extras --no-header --allow-unsafe --no-emit-index-url \
 	  --no-emit-find-links -o requirements.txt requirements.in
 	$(VENV)/bin/pip-compile -q --strip-extras --no-header --allow-unsafe --no-emit-index-url \
