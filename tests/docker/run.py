@@ -11,7 +11,8 @@ Not part of `make test` (it needs root, a Docker engine and a few minutes). It:
    network: its HEALTHCHECK, /health, the admin's sign-in page and a collected static file,
    the keys read as the README says (`manage.py auth_key`), an import job, a proxied call to
    a fake provider, then `docker stop` during a slow call: the call completes, the
-   container exits 0 within the graceful timeout;
+   container exits 0 within the graceful timeout; then the Compose file's default service
+   the same way, with docker/.env.example unchanged as its .env;
 4. runs the Compose file's `cluster` profile with docker/docker-compose.test.yml on this
    machine's MariaDB (a database of its own, dropped after) and Redis (a database number
    of its own, emptied): two web nodes, a worker and beat healthy, an import through the
@@ -394,11 +395,12 @@ def flush_redis() -> None:
     redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB).flushdb()
 
 
-def merge(base: list[str], env: dict[str, str], into: Path) -> None:
+def merge(base: list[str], env: dict[str, str], into: Path, *profiles: str) -> None:
     """docker-compose.yml with the test override, as Compose merges them, less the ports
     of the services on the host's network: nothing is published there, and docker-compose
     1.29 refuses the two together (an override cannot remove a list's entries in 1.29)."""
-    merged = run(*base, *COMPOSE_FILES, "--profile", "cluster", "config", env=env).stdout
+    chosen = [arg for profile in profiles for arg in ("--profile", profile)]
+    merged = run(*base, *COMPOSE_FILES, *chosen, "config", env=env).stdout
     config = yaml.safe_load(merged)
     for service in config["services"].values():
         if service.get("network_mode") == "host":
@@ -435,7 +437,7 @@ def cluster(report: Report, fake: FakeProvider, base: list[str]) -> None:
     admin = {"Authorization": f"Bearer {admin_key}"}
     ids: dict[str, str] = {}
     try:
-        merge(base, env, folder / "cluster.yml")
+        merge(base, env, folder / "cluster.yml", "cluster")
         mariadb(f"CREATE DATABASE `{database}` CHARACTER SET utf8mb4")
         flush_redis()
         with report.check("cluster: web1, web2, worker and beat up and healthy"):
@@ -518,6 +520,71 @@ def cluster(report: Report, fake: FakeProvider, base: list[str]) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def compose_default(report: Report, fake: FakeProvider, base: list[str]) -> None:
+    """The Compose file's default service, with .env.example unchanged as its .env."""
+    project = f"gptload-dockertest-default-{RUN_ID}"
+    folder = Path(tempfile.mkdtemp(prefix="gptload-docker-default-"))
+    env_file = folder / ".env"
+    shutil.copy(ROOT / "docker" / ".env.example", env_file)
+    data = folder / "data"  # left for Docker to make, as ./data is on a first start
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, GPTLOAD_ENV_FILE=str(env_file), GPTLOAD_TEST_IMAGE=IMAGE,
+               GPTLOAD_TEST_DATA=str(data), GPTLOAD_TEST_PORT=str(port))  # fmt: skip
+    compose = [*base, "-p", project, "-f", str(folder / "default.yml")]
+    try:
+        merge(base, env, folder / "default.yml")
+        with report.check("compose default: data-owner, then gptload healthy (.env.example as is)"):
+            run(*compose, "up", "-d", "--no-build", "gptload", env=env, timeout=300)
+            container = run(*compose, "ps", "-q", "gptload", env=env).stdout.strip()
+            owner = run(*compose, "ps", "-q", "data-owner", env=env).stdout.strip()
+            ok = within(90, lambda: health(container) == "healthy", 1)
+            if not ok:
+                logs(container)
+            expect(ok, f"gptload's health: {health(container)}")
+            code = run("docker", "inspect", "--format", "{{.State.ExitCode}}", owner).stdout
+            expect(code.strip() == "0", f"data-owner exited {code.strip()}")
+            expect(
+                data.stat().st_uid == UID, f"the data folder belongs to uid {data.stat().st_uid}"
+            )
+            expect((data / "gptload.db").exists(), "no SQLite database in the data folder")
+        with report.check("compose default: keys via `compose exec`, import job, proxied call"):
+            admin_key = run(*compose, "exec", "-T", "gptload", "python", "manage.py", "auth_key",
+                            env=env).stdout.strip()  # fmt: skip
+            proxy_key = run(*compose, "exec", "-T", "gptload", "python", "manage.py", "auth_key",
+                            "--proxy", env=env).stdout.strip().split(",")[0]  # fmt: skip
+            admin = {"Authorization": f"Bearer {admin_key}"}
+            group = httpx.post(f"{url}/api/groups", headers=admin, timeout=10, json={
+                "name": "compose", "channel_type": "openai", "test_model": "m",
+                "upstreams": [{"url": fake.url, "weight": 1}]})  # fmt: skip
+            expect(group.status_code == 200, f"group not created: {group.text}")
+            group_id = group.json()["data"]["id"]
+            key = f"sk-compose-{secrets.token_hex(8)}"
+            started = httpx.post(f"{url}/api/keys/add-async", headers=admin, timeout=30,
+                                 json={"group_id": group_id, "keys_text": key})  # fmt: skip
+            expect(started.status_code == 200, f"add-async answered {started.text}")
+            status = wait_job(url, admin, group_id)
+            expect(status["status"] == "succeeded", f"the job ended {status}")
+            fake.clear()
+            answer = httpx.post(f"{url}/proxy/compose/v1/chat/completions", json=CHAT,
+                                headers={"Authorization": f"Bearer {proxy_key}"},
+                                timeout=30)  # fmt: skip
+            expect(answer.status_code == 200, f"the proxy answered {answer.status_code}")
+            expect(fake.keys_used() == [key], f"the provider saw {fake.keys_used()}")
+        with report.check(f"compose default: compose stop, exit 0 within {GRACEFUL} s"):
+            began = time.monotonic()
+            run(*compose, "stop", "gptload", env=env, timeout=120)
+            took = time.monotonic() - began
+            code = run("docker", "inspect", "--format", "{{.State.ExitCode}}", container).stdout
+            print(f"    stopped in {took:.1f} s, exit code {code.strip()}")
+            expect(code.strip() == "0", f"exit code {code.strip()}")
+            expect(took < GRACEFUL, f"the stop took {took:.1f} s")
+    finally:
+        run(*compose, "down", "-v", "--remove-orphans", "-t", "5", env=env, timeout=300,
+            check=False)  # fmt: skip
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def compose_files_valid(report: Report, base: list[str]) -> None:
     """The Compose file alone (as users run it), both profiles, with .env.example's values."""
     with tempfile.TemporaryDirectory() as folder:
@@ -557,6 +624,7 @@ def main() -> int:
             build_image()
         with FakeProvider() as fake:
             single(report, fake)
+            compose_default(report, fake, base)
             cluster(report, fake, base)
     except (CheckFailed, subprocess.SubprocessError, httpx.HTTPError, OSError, KeyError):
         pass  # reported by its check
