@@ -19,7 +19,10 @@ from django.utils import timezone
 from logs.models import HourlyStat, RequestLog
 from settings_app.models import SystemSetting
 
-BATCH = 2000  # rows per DELETE: tens of milliseconds each at 10 M rows on MariaDB
+# Rows per DELETE. Each row leaves nine B-trees (the table and its eight indexes): at
+# 10 M rows on MariaDB with its default 128 MiB buffer pool, about 0.65 ms a row on a busy
+# 2-core machine (2,000 rows took 1.3 s), so 500 keep a statement near 300 ms.
+BATCH = 500
 
 
 def prune_logs(now: datetime | None = None) -> dict[str, int]:

@@ -181,11 +181,14 @@ class InfinitePaginator(paginator.InfinitePaginator):
         number = self.validate_number(number)
         listed = self.object_list
         keyset = self.keyset if isinstance(listed, QuerySet) and self.keyset else None
-        if keyset is None or not keyset.serves(listed) or number == 1:
+        if keyset is None or not keyset.serves(listed):
             bottom = (number - 1) * self.per_page
             return self._page(self.rows(bottom, bottom + self.per_page), number, keyset)
         try:
-            if AFTER_VAR in self.seek:
+            if number == 1:  # ids first here too: the key list joins its groups, and
+                # MariaDB sorted a million joined rows for `LIMIT 50` (18 s)
+                rows = keyset.after(listed, None, self.per_page)
+            elif AFTER_VAR in self.seek:
                 rows = keyset.after(listed, self.seek[AFTER_VAR], self.per_page)
             elif BEFORE_VAR in self.seek:
                 rows = keyset.before(listed, self.seek[BEFORE_VAR], self.per_page)
