@@ -11,6 +11,12 @@ def test_it_reads_defaults_when_unset_or_empty():
     assert env.boolean("IS_SLAVE") is False
     assert env.string("HOST", "0.0.0.0") == "0.0.0.0"
     assert env.items("ALLOWED_METHODS", "GET, POST,,") == ["GET", "POST"]
+    # Set but empty, as `VAR=` in an env file: the default too (.env.example says so).
+    empty = Env({"HOST": "", "ALLOWED_METHODS": " ", "FORWARDED_ALLOW_IPS": "", "TZ": ""})
+    assert empty.string("HOST", "0.0.0.0") == "0.0.0.0"
+    assert empty.items("ALLOWED_METHODS", "GET,POST") == ["GET", "POST"]
+    assert empty.string("FORWARDED_ALLOW_IPS", "127.0.0.1,::1") == "127.0.0.1,::1"
+    assert empty.timezone("TZ") == "UTC"
 
 
 @pytest.mark.parametrize(

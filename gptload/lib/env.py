@@ -33,7 +33,9 @@ class Env:
         self.source = os.environ if source is None else source
 
     def raw(self, name: str, default: str = "") -> str:
-        return self.source.get(name, default).strip()
+        """The value, stripped; a variable set but empty (`TZ=` in an env file) is unset:
+        it means the default, as `.env.example` says."""
+        return self.source.get(name, "").strip() or default
 
     def string(self, name: str, default: str = "") -> str:
         return self.raw(name, default)
