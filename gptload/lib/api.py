@@ -276,7 +276,9 @@ class StaffSession(SessionAuth):
             raise HttpError(403, _("CSRF check failed: send the csrftoken cookie's value as "
                             "X-CSRFToken, or authenticate with AUTH_KEY instead of the session."))  # fmt: skip
         needed = required_permission(request.method or "GET", request.path)
-        allowed = (not needed or user.has_perm(needed)) if needed != SUPERUSER else user.is_superuser
+        allowed = (
+            (not needed or user.has_perm(needed)) if needed != SUPERUSER else user.is_superuser
+        )
         if not allowed:
             raise ApiError(403, "FORBIDDEN", _("Your account lacks the permission %(permission)s "
                            "for this; ask an administrator, or use AUTH_KEY.")
