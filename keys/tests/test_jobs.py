@@ -350,7 +350,8 @@ def test_the_status_is_idle_without_jobs_and_refuses_an_unknown_group(admin_api)
     assert status == {"id": None, "task_type": "", "kind": "", "status": "", "is_running": False,
                       "group_id": None, "group_name": "", "processed": 0, "total": 0, "result": None,
                       "error": "", "created_at": None, "started_at": None, "finished_at": None,
-                      "duration_seconds": 0.0, "jobs": []}  # fmt: skip
+                      "duration_seconds": 0.0, "waiting_for_worker": False, "note": "",
+                      "jobs": []}  # fmt: skip
     admin_api.refused(admin_api.get("/tasks/status?group_id=999999"), 404, "NOT_FOUND")
 
 
