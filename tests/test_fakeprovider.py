@@ -957,6 +957,7 @@ def test_tail_delay_holds_the_body_open_after_the_final_frame(provider, kind):
     provider.behave("k", Behaviour(tail_delay=0.5))
     body = b""
     final_at = None
+    started = time.monotonic()
     # httpx asks for br and decodes it as it arrives: the final frame is readable before
     # the br stream's end, which only comes with the body's.
     with httpx.stream(
@@ -969,7 +970,9 @@ def test_tail_delay_holds_the_body_open_after_the_final_frame(provider, kind):
                 final_at = time.monotonic()
     ended_at = time.monotonic()
     assert final_at is not None
-    assert ended_at - final_at >= 0.4
+    # A lower bound whatever the machine's load (a busy client reads the final frame late,
+    # which shortens the gap it sees): nothing else here waits, and sleeps never end early.
+    assert ended_at - started >= 0.5
     (received,) = provider.requests
     assert (received.terminal_sent, received.finished, received.tail_cut) == (True, True, False)
 
