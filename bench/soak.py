@@ -235,7 +235,7 @@ def main() -> None:
                             "blacklist_threshold": 1}).raise_for_status()  # fmt: skip
             print(f"soak: {args.minutes:g} min at {args.rate:g} calls/s, {len(keys)} keys "
                   f"(6 faulty), samples every {args.every:g} s; work dir {tmp}", flush=True)  # fmt: skip
-            counts, samples = Counts(), []
+            counts, samples = Counts(), list[Sample]()
             begin = time.monotonic()
             until = begin + args.minutes * 60
 

@@ -141,9 +141,10 @@ def operator(settings):
     return client
 
 
-def link(page: str, label: str) -> str | None:
+def link(page: str, label: str) -> str:
     found = re.search(rf'<a\s+href="([^"]*)"[^>]*>\s*{label}\s*</a>', page)
-    return html.unescape(found.group(1)) if found else None
+    assert found, f"no {label!r} link on the page"
+    return html.unescape(found.group(1))
 
 
 def log_ids(text: str) -> list[str]:
