@@ -53,9 +53,11 @@ def test_requests_retries_refusals_and_times_are_counted(gateway, make_group, pr
     after = counted()
     assert value(after, "gptload_retries_total", group="counted") == retried
     refused = {"group": "", "provider": "", "status": "401", "outcome": "refused"}
+    # At least this one: a refusal of an earlier test on the shared gateway may be handed
+    # to the metrics (once a second) after `before` was read.
     assert value(after, "gptload_requests_total", **refused) - value(
         before, "gptload_requests_total", **refused
-    ) == 1  # fmt: skip
+    ) >= 1  # fmt: skip
     timed = {"group": "counted", "stream": "false"}
     assert value(after, "gptload_request_duration_seconds_count", **timed) == 4
     assert value(after, "gptload_request_duration_seconds_sum", **timed) > 0
