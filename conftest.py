@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -270,3 +271,16 @@ def admin_api(client: Any, settings: Any) -> AdminApi:
     """The management API with AUTH_KEY as a Bearer token (a staff session works too)."""
     settings.AUTH_KEY = ADMIN_KEY
     return AdminApi(client)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Django drops an SQLite test database's file, not its WAL and shared-memory files:
+    remove this process's from the temporary folder too (the database is gone by now)."""
+    if ON_MYSQL:
+        return
+    name = str(settings.DATABASES["default"].get("TEST", {}).get("NAME") or "")
+    if not name.startswith(tempfile.gettempdir()):
+        return
+    for leftover in Path(name).parent.glob(Path(name).name + "*"):
+        if leftover.name.endswith(("-wal", "-shm")):
+            leftover.unlink(missing_ok=True)
