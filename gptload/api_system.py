@@ -7,9 +7,9 @@ from django.utils.translation import gettext as _
 from ninja import Field, Router, Schema
 from ninja.responses import Status
 
-from gptload.lib.api import ApiError, Envelope, is_admin_key, ok, too_many_failures
+from gptload.lib.api import ApiError, Envelope, is_admin_key, ok
 from gptload.lib.secrets import constant_time_in
-from gptload.lib.signin import throttle
+from gptload.lib.signin import throttle, too_many_failures
 from keys.models import ChannelType, Group
 from settings_app.models import SystemSetting
 

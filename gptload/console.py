@@ -12,7 +12,7 @@ from django.utils.translation import gettext_lazy as _
 from unfold.forms import AuthenticationForm
 from unfold.sites import UnfoldAdminSite
 
-from gptload.lib.signin import throttle
+from gptload.lib.signin import throttle, too_many_failures
 
 
 class SignInForm(AuthenticationForm):
@@ -37,8 +37,7 @@ class GptloadAdminSite(UnfoldAdminSite):
         if request.method != "POST":
             return super().login(request, extra_context)
         if wait := throttle.blocked_for(request):
-            messages.error(request, _("Too many failed sign-ins from your address: try again in "
-                                      "%(minutes)d minutes.") % {"minutes": (wait + 59) // 60})  # fmt: skip
+            messages.error(request, too_many_failures(wait))
             context = {**self.each_context(request), "title": _("Log in"), "form": self.login_form(request),
                        "app_path": request.get_full_path(), "username": ""}  # fmt: skip
             return TemplateResponse(request, "admin/login.html", context, status=429)

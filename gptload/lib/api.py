@@ -43,7 +43,7 @@ from pydantic_core import from_json
 
 from gptload.lib.paging import BadCursor, Keyset, capped_count
 from gptload.lib.secrets import constant_time_in
-from gptload.lib.signin import throttle
+from gptload.lib.signin import throttle, too_many_failures
 
 log = logging.getLogger("gptload.api")
 T = TypeVar("T")
@@ -202,12 +202,6 @@ def admitted(request: HttpRequest, key: str | None) -> bool | None:
         return True
     throttle.failed(request)
     return None
-
-
-def too_many_failures(wait: int) -> str:
-    return _("Too many failed sign-ins from your address: try again in %(minutes)d minutes.") % {
-        "minutes": (wait + 59) // 60
-    }
 
 
 class BearerKey(HttpBearer):

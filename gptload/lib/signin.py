@@ -17,6 +17,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.backends import BaseBackend
 from django.core.cache import cache
 from django.http import HttpRequest
+from django.utils.translation import gettext as _
 
 from gptload.lib.secrets import constant_time_in
 
@@ -81,3 +82,10 @@ class Throttle:
 
 
 throttle = Throttle()
+
+
+def too_many_failures(wait: int) -> str:
+    """What a locked-out caller is told, `wait` seconds before the window ends."""
+    return _("Too many failed sign-ins from your address: try again in %(minutes)d minutes.") % {
+        "minutes": (wait + 59) // 60
+    }
