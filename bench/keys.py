@@ -730,7 +730,7 @@ SEED_KEYS = """
 import json
 from django.db import connection, transaction
 from django.utils import timezone
-from keys.models import APIKey, Group
+from keys.models import APIKey, Group, KeyTally
 source = {source}
 made = []
 for n in range({groups}):
@@ -748,6 +748,7 @@ used = ("NOW() - INTERVAL (id MOD 86400) SECOND" if connection.vendor == "mysql"
         else "datetime('now', '-' || (id % 86400) || ' seconds')")
 with transaction.atomic(), connection.cursor() as cursor:
     cursor.execute(f"UPDATE {{APIKey._meta.db_table}} SET last_used_at = {{used}} WHERE id % 10 = 0")
+KeyTally.objects.recount(made)  # keys copied by SQL, behind the tally's back
 print(json.dumps({{"groups": made, "keys": APIKey.objects.count()}}))
 """
 
@@ -777,13 +778,15 @@ from django.utils import timezone
 from logs import retention
 from logs.models import RequestLog
 cutoff = timezone.now() - timedelta(days={days})
-out = []
+out, size = [], retention.BATCH
 for _ in range({batches}):
     began = time.perf_counter()
-    rows = retention.delete_batch(RequestLog, "timestamp", cutoff)
-    out.append([round((time.perf_counter() - began) * 1000, 2), rows])
-    if rows < retention.BATCH:
+    rows = retention.delete_batch(RequestLog, "timestamp", cutoff, size)
+    took = time.perf_counter() - began
+    out.append([round(took * 1000, 2), rows])
+    if rows < size:
         break
+    size = retention.next_size(size, max(took, 0.001))  # as retention.delete_before does
 print(json.dumps(out))
 """
 

@@ -14,7 +14,7 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, IntegerField, OuterRef, Q, QuerySet, Subquery
+from django.db.models import IntegerField, OuterRef, Q, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.shortcuts import get_object_or_404
@@ -34,7 +34,16 @@ from gptload.lib.paging import Keyset, SeekPaging
 from gptload.lib.providers import PROVIDERS
 from gptload.lib.secrets import mask
 from keys import checker, groups, jobs, services
-from keys.models import APIKey, Group, GroupSubGroup, JobKind, JobStatus, KeyJob, KeyStatus
+from keys.models import (
+    APIKey,
+    Group,
+    GroupSubGroup,
+    JobKind,
+    JobStatus,
+    KeyJob,
+    KeyStatus,
+    KeyTally,
+)
 from keys.widgets import JsonRowsWidget, ProxyKeysWidget
 from settings_app import registry
 from settings_app.models import SystemSetting
@@ -137,13 +146,12 @@ class MemberInline(TabularInline):
 
 
 def annotated_groups(queryset: QuerySet[Group]) -> QuerySet[Group]:
-    """Each group with its keys by state (one index range per figure, whatever the pool's
+    """Each group with its keys by state (a row of the tally each, whatever the pool's
     size), and whatever the apps above registered in `GROUP_FIGURES`."""
 
     def keys(status: str) -> Subquery:
-        rows = APIKey.objects.filter(group=OuterRef("pk"), status=status).order_by()
-        return Subquery(rows.values("group").annotate(n=Count("pk")).values("n"),
-                        output_field=IntegerField())  # fmt: skip
+        tally = KeyTally.objects.filter(group=OuterRef("pk"), status=status).values("count")
+        return Subquery(tally[:1], output_field=IntegerField())
 
     queryset = queryset.annotate(
         active_keys=Coalesce(keys(KeyStatus.ACTIVE), 0),

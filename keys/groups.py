@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Count, QuerySet
+from django.db.models import QuerySet
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from gptload.lib.api import ApiError
-from keys.models import APIKey, Group, GroupSubGroup, KeyStatus
+from keys.models import APIKey, Group, GroupSubGroup, KeyStatus, KeyTally
 from settings_app.changes import group_changed
 
 BATCH = 1000
@@ -137,9 +137,9 @@ def delete_group(group: Group) -> int:
             ids = list(APIKey.objects.filter(group=group).values_list("id", flat=True)[:BATCH])
             if not ids:
                 break
-            # _raw_delete: one DELETE and no per-row signals; through Model.delete() each
+            # remove(): one DELETE and no per-row signals; through Model.delete() each
             # row would be loaded and would queue a version bump of its own.
-            deleted += APIKey.objects.filter(id__in=ids)._raw_delete(APIKey.objects.db)
+            deleted += APIKey.objects.filter(id__in=ids).remove()
     with transaction.atomic():
         group.delete()
     return deleted
@@ -293,16 +293,12 @@ class KeyCounts:
 
 
 def key_counts(group_ids: Iterable[int]) -> dict[int, KeyCounts]:
-    """Keys per status for each group, one grouped query per 1000 groups."""
+    """Keys per status for each group, from the tally (a few rows per group)."""
     ids = list(dict.fromkeys(group_ids))
     counts = {group_id: KeyCounts() for group_id in ids}
     for start in range(0, len(ids), BATCH):
-        rows = (
-            APIKey.objects.filter(group_id__in=ids[start : start + BATCH])
-            .values_list("group_id", "status")
-            .annotate(n=Count("id"))
-            .order_by()
-        )
-        for group_id, status, n in rows:
-            counts[group_id].add(status, n)
+        tallies = KeyTally.objects.by_group(ids[start : start + BATCH])
+        for group_id, by_status in tallies.items():
+            for status, n in by_status.items():
+                counts[group_id].add(status, n)
     return counts

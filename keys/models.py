@@ -1,12 +1,13 @@
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.db import models
-from django.db.models import F
+from django.db import models, transaction
+from django.db.models import Count, F
 from django.utils import timezone
 
 from gptload.lib.crypto import DecryptionError, current_cipher
@@ -186,7 +187,19 @@ class KeyStatus(models.TextChoices):
     DISABLED = "disabled", "Disabled"
 
 
+# A key's place in the tally (`KeyTally`): its group and its state. Writes that change
+# either go through the counted paths of `APIKeyQuerySet` and `APIKey`.
+TALLIED = frozenset({"status", "group", "group_id"})
+LOCK_BATCH = 1000  # ids per IN list (MySQL's and SQLite's placeholder limits)
+Place = tuple[int, str]  # (group id, status)
+
+
 class APIKeyQuerySet(models.QuerySet["APIKey"]):
+    """Keys; every write that adds, removes or moves keys keeps `KeyTally` true in its
+    own transaction. The rows it touches are locked and read (group and state) before
+    they are written, and only those rows are written, so that concurrent writers never
+    count one change twice nor miss one."""
+
     def active_for(self, group: Group | int) -> APIKeyQuerySet:
         return self.filter(group=group, status=KeyStatus.ACTIVE)
 
@@ -202,6 +215,167 @@ class APIKeyQuerySet(models.QuerySet["APIKey"]):
                 failure_count=F("failure_count") + failures,
                 last_used_at=datetime.fromtimestamp(last, UTC),
             )
+
+    # -- counted writes --
+
+    def places(self) -> dict[int, Place]:
+        """Each key's (group, state), its row locked until the transaction ends.
+
+        The rows are locked by primary key, in ascending order, never through another
+        index: then two writers never wait on each other in a circle (locking reads
+        through the (group, status) index deadlocked with updates by id). Rows that no
+        longer match once locked are left out.
+        """
+        ids = list(self.order_by("pk").values_list("pk", flat=True))
+        places: dict[int, Place] = {}
+        for start in range(0, len(ids), LOCK_BATCH):
+            chunk = ids[start : start + LOCK_BATCH]
+            locked = self._by_ids(chunk).order_by("pk").select_for_update()
+            rows = {pk: (group_id, status) for pk, group_id, status
+                    in locked.values_list("pk", "group_id", "status")}  # fmt: skip
+            for pk in self.filter(pk__in=chunk).values_list("pk", flat=True):
+                if pk in rows:
+                    places[pk] = rows[pk]
+        return places
+
+    def update(self, **fields: Any) -> int:
+        if TALLIED.isdisjoint(fields):
+            return super().update(**fields)
+        group_id = fields.get("group_id", fields.get("group"))
+        group_id = getattr(group_id, "pk", group_id)
+        with transaction.atomic(using=self.db):
+            places = self.places()
+            moves: Counter[Place] = Counter()
+            for old_group, old_status in places.values():
+                moves[(old_group, old_status)] -= 1
+                moves[(group_id or old_group, fields.get("status", old_status))] += 1
+            changed = sum(
+                models.QuerySet.update(self._by_ids(ids), **fields) for ids in _batches(places)
+            )
+            KeyTally.objects.add(moves)
+        return changed
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        with transaction.atomic(using=self.db):
+            places = self.places()
+            deleted, by_model = 0, Counter[str]()
+            for ids in _batches(places):
+                count, counts = models.QuerySet.delete(self._by_ids(ids))
+                deleted += count
+                by_model.update(counts)
+            KeyTally.objects.add(
+                Counter({place: -n for place, n in Counter(places.values()).items()})
+            )
+        return deleted, dict(by_model)
+
+    def remove(self) -> int:
+        """Deletes the keys with one plain DELETE per 1000 rows, counted: no key is loaded
+        and no per-row signal is sent (`delete()` sends `post_delete` for each key)."""
+        with transaction.atomic(using=self.db):
+            places = self.places()
+            deleted = sum(self._by_ids(ids)._raw_delete(self.db) for ids in _batches(places))
+            KeyTally.objects.add(
+                Counter({place: -n for place, n in Counter(places.values()).items()})
+            )
+        return deleted
+
+    def bulk_create(self, objs: Iterable[APIKey], *args: Any, **kwargs: Any) -> list[APIKey]:
+        keys = list(objs)
+        with transaction.atomic(using=self.db):
+            created = super().bulk_create(keys, *args, **kwargs)
+            if kwargs.get("ignore_conflicts") or kwargs.get("update_conflicts"):
+                KeyTally.objects.recount({key.group_id for key in keys})  # which went in is unknown
+            else:
+                KeyTally.objects.add(Counter((key.group_id, key.status) for key in keys))
+        return created
+
+    def bulk_update(
+        self, objs: Iterable[APIKey], fields: Iterable[str], batch_size: int | None = None
+    ) -> int:
+        fields = list(fields)
+        keys = list(objs)
+        with transaction.atomic(using=self.db):
+            changed = super().bulk_update(keys, fields, batch_size=batch_size)
+            if not TALLIED.isdisjoint(fields):
+                KeyTally.objects.recount({key.group_id for key in keys})
+        return changed
+
+    def _by_ids(self, ids: Sequence[int]) -> models.QuerySet[APIKey]:
+        """The rows by id alone, through the plain QuerySet (the writes above count)."""
+        rows: models.QuerySet[APIKey] = models.QuerySet(self.model, using=self.db)
+        return rows.filter(pk__in=ids)
+
+
+def _batches(places: Mapping[int, Place]) -> Iterable[list[int]]:
+    ids = list(places)
+    for start in range(0, len(ids), LOCK_BATCH):
+        yield ids[start : start + LOCK_BATCH]
+
+
+class KeyTallyQuerySet(models.QuerySet["KeyTally"]):
+    def add(self, moves: Mapping[Place, int]) -> None:
+        """Moves the counts by `moves` ((group id, state) → change) in one fixed order,
+        so that two writers never wait on each other's rows."""
+        for (group_id, status), change in sorted(moves.items()):
+            if not change:
+                continue
+            rows = self.filter(group_id=group_id, status=status)
+            if not rows.update(count=F("count") + change):
+                # The group's first key in this state: its row is made (once, whoever
+                # comes first), then moved.
+                self.bulk_create(
+                    [KeyTally(group_id=group_id, status=status)], ignore_conflicts=True
+                )
+                rows.update(count=F("count") + change)
+
+    def recount(self, group_ids: Iterable[int]) -> None:
+        """Counts each group's keys afresh (one index range), its tally rows locked
+        meanwhile so that no write lands between the count and the tally."""
+        for group_id in sorted(set(group_ids)):
+            with transaction.atomic(using=self.db):
+                held = {
+                    row.status: row for row in self.select_for_update().filter(group_id=group_id)
+                }
+                counts = dict(
+                    APIKey.objects.filter(group_id=group_id).order_by().values_list("status")
+                    .annotate(n=Count("pk"))
+                )  # fmt: skip
+                for status in KeyStatus.values:
+                    row = held.get(status)
+                    if row is None:
+                        if counts.get(status) and Group.objects.filter(pk=group_id).exists():
+                            self.create(group_id=group_id, status=status, count=counts[status])
+                    elif row.count != counts.get(status, 0):
+                        self.filter(pk=row.pk).update(count=counts.get(status, 0))
+
+    def by_group(self, group_ids: Iterable[int] | None = None) -> dict[int, dict[str, int]]:
+        """Keys per state for each group (all groups when `group_ids` is None)."""
+        rows = self.all() if group_ids is None else self.filter(group_id__in=list(group_ids))
+        counts: dict[int, dict[str, int]] = {}
+        for group_id, status, count in rows.values_list("group_id", "status", "count"):
+            counts.setdefault(group_id, {})[status] = count
+        return counts
+
+
+class KeyTally(models.Model):
+    """How many keys a group holds in a state, kept true by every write that adds,
+    removes or moves keys (`APIKeyQuerySet`), so that the dashboard, the group list and
+    the group stats read a few rows instead of counting a million keys. A daily job
+    (`keys.tasks.recount_keys`) counts afresh as a safety net."""
+
+    group = models.ForeignKey(Group, on_delete=models.CASCADE, related_name="tallies")
+    status = models.CharField(max_length=16, choices=KeyStatus.choices)
+    count = models.BigIntegerField(default=0)
+
+    objects = KeyTallyQuerySet.as_manager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["group", "status"], name="uniq_tally_group_status"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.group_id}/{self.status}: {self.count}"
 
 
 class APIKey(models.Model):
@@ -247,6 +421,27 @@ class APIKey(models.Model):
 
     def __str__(self) -> str:
         return self.masked
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        fields = kwargs.get("update_fields")
+        if fields is not None and TALLIED.isdisjoint(fields):
+            super().save(*args, **kwargs)
+            return
+        with transaction.atomic(using=kwargs.get("using")):
+            old = APIKey.objects.filter(pk=self.pk).places().get(self.pk) if self.pk else None
+            super().save(*args, **kwargs)
+            moves = Counter({(self.group_id, self.status): 1})
+            if old:
+                moves[old] -= 1
+            KeyTally.objects.add(moves)
+
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+        with transaction.atomic(using=kwargs.get("using")):
+            old = APIKey.objects.filter(pk=self.pk).places().get(self.pk)
+            result = super().delete(*args, **kwargs)
+            if old:
+                KeyTally.objects.add({old: -1})
+        return result
 
     @classmethod
     def build(cls, group: Group, secret: str, **fields: Any) -> APIKey:

@@ -6,6 +6,8 @@
   `/api/tasks/status`; a group busy with another job waits for the next round).
 - `expire_cooling` (from `keys.states`): rate-limited keys whose time is up are stored as
   active again.
+- `recount_keys`: daily, every group's keys are counted afresh into `KeyTally`, whose
+  every write is counted anyway (a safety net against edits made behind gptload's back).
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from datetime import datetime, timedelta
 from django.utils import timezone
 
 from keys import jobs
-from keys.models import APIKey, Group, GroupType, JobKind, KeyStatus
+from keys.models import APIKey, Group, GroupType, JobKind, KeyStatus, KeyTally
 from keys.states import expire_cooling
 from settings_app.models import SystemSetting
 
-__all__ = ["expire_cooling", "validate_due_groups"]
+__all__ = ["expire_cooling", "recount_keys", "validate_due_groups"]
 
 log = logging.getLogger("gptload.jobs")
 
@@ -46,3 +48,10 @@ def validate_due_groups(now: datetime | None = None) -> list[str]:
             continue
         queued.append(group.name)
     return queued
+
+
+def recount_keys() -> int:
+    """Counts every group's keys afresh into the tally; returns how many groups."""
+    group_ids = list(Group.objects.values_list("pk", flat=True))
+    KeyTally.objects.recount(group_ids)
+    return len(group_ids)

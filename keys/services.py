@@ -28,7 +28,7 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from gptload.lib.crypto import DecryptionError, current_cipher
-from keys.models import APIKey, Group, KeyStatus
+from keys.models import APIKey, APIKeyQuerySet, Group, KeyStatus, KeyTally
 from settings_app.changes import group_changed
 
 T = TypeVar("T")
@@ -344,7 +344,8 @@ def status_filter(status: str) -> dict[str, Any]:
 
 
 def count_keys(group: Group) -> int:
-    return APIKey.objects.filter(group=group).count()
+    """The group's keys in all (from the tally: a million keys are not counted)."""
+    return sum(KeyTally.objects.by_group([group.pk]).get(group.pk, {}).values())
 
 
 @dataclass(frozen=True)
@@ -426,7 +427,9 @@ def _insert_active_keys(group: Group, rows: Sequence[tuple[str, str]]) -> int:
               for stored, digest in rows]  # fmt: skip
     with connection.cursor() as cursor:
         cursor.executemany(sql, values)
-        return cursor.rowcount if cursor.rowcount >= 0 else len(values)
+        added = cursor.rowcount if cursor.rowcount >= 0 else len(values)
+    KeyTally.objects.add({(group.pk, KeyStatus.ACTIVE.value): added})
+    return added
 
 
 def _concrete(name: str) -> Field[Any, Any]:
@@ -441,7 +444,7 @@ def _unique_hashes(keys: Sequence[str]) -> list[str]:
 def _delete_rows(rows: QuerySet[APIKey]) -> int:
     # A plain DELETE: `QuerySet.delete()` would load every key and send a post_delete
     # signal (a version bump) per row, since settings_app listens to APIKey deletes.
-    return rows._raw_delete(rows.db)
+    return cast("APIKeyQuerySet", rows).remove()
 
 
 def _in_id_ranges(

@@ -31,6 +31,7 @@ import logging
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,10 +41,11 @@ from typing import Any
 import orjson
 from django.conf import settings
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from gptload.lib.providers.base import looks_like_invalid_key
-from keys.models import APIKey, KeyStatus
+from keys.models import APIKey, KeyStatus, KeyTally
 
 log = logging.getLogger("gptload.keys")
 DEFAULT_COOLDOWN = 60.0
@@ -423,10 +425,15 @@ def from_other_node(raw: bytes | str) -> SharedState | None:
 
 
 def write_states(keys: list[KeyEntry], errors: dict[int, str]) -> None:
-    """Stores in-memory key states in one transaction (not a configuration change)."""
+    """Stores in-memory key states in one transaction (not a configuration change), the
+    tally of keys per state moved with them."""
     now = datetime.now(UTC)
     with transaction.atomic():
+        places = APIKey.objects.filter(pk__in=[key.id for key in keys]).places()
+        moves: Counter[tuple[int, str]] = Counter()
         for key in keys:
+            if key.id not in places:
+                continue  # deleted meanwhile
             fields: dict[str, Any] = {
                 "status": key.status,
                 "consecutive_failures": key.consecutive_failures,
@@ -437,7 +444,13 @@ def write_states(keys: list[KeyEntry], errors: dict[int, str]) -> None:
             }
             if key.id in errors:
                 fields["last_error"] = errors[key.id]
-            APIKey.objects.filter(pk=key.id).update(**fields)
+            # The rows are locked and their places read above: a plain UPDATE each.
+            QuerySet.update(QuerySet(APIKey).filter(pk=key.id), **fields)
+            group_id, status = places[key.id]
+            if status != key.status:
+                moves[(group_id, status)] -= 1
+                moves[(group_id, key.status)] += 1
+        KeyTally.objects.add(moves)
 
 
 def after_check(status: str, verdict: Verdict, error: str, now: datetime) -> dict[str, Any]:

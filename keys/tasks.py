@@ -23,3 +23,9 @@ def validate_due_groups() -> list[str]:
 def expire_cooling() -> int:
     """Beat: stores keys whose rate-limit cooling has ended as active again."""
     return periodic.expire_cooling()
+
+
+@shared_task(ignore_result=True)
+def recount_keys() -> int:
+    """Beat, daily: every group's keys counted afresh (the tally is kept as keys change)."""
+    return periodic.recount_keys()

@@ -10,12 +10,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models import Q, QuerySet, Sum
 from django.utils import timezone
 
 from gptload.lib import heartbeat
 from gptload.lib.secrets import constant_time_in, weakness
-from keys.models import APIKey, Group, GroupType, KeyStatus
+from keys.models import APIKey, Group, GroupType, KeyStatus, KeyTally
 from logs import live
 from logs.models import HourlyStat
 from settings_app.models import SystemSetting
@@ -225,8 +225,8 @@ def top_keys(limit: int = 5) -> dict[str, list[dict[str, Any]]]:
 
 
 def key_states() -> dict[str, int]:
-    """Keys by state, all groups (one grouped read of the (status) index)."""
-    counts = dict(APIKey.objects.order_by().values_list("status").annotate(n=Count("pk")))
+    """Keys by state, all groups (from the tally: a few rows per group, not every key)."""
+    counts = dict(KeyTally.objects.order_by().values_list("status").annotate(n=Sum("count")))
     return {status: int(counts.get(status, 0)) for status in KeyStatus.values}
 
 

@@ -85,6 +85,7 @@ def test_default_schedules_exist_and_name_real_tasks():
         "keys.tasks.validate_due_groups": 5,
         "keys.tasks.expire_cooling": 1,
         "logs.tasks.prune_logs": 1,
+        "keys.tasks.recount_keys": 1,
     }
     celery_app.loader.import_default_modules()
     assert set(tasks) <= set(celery_app.tasks)
