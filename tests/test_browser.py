@@ -203,7 +203,9 @@ def reload_until(page: Any, url: str, selector: str, within: float = 15.0) -> li
 
 
 def switch_language(page: Any, code: str) -> None:
-    page.locator(f'form:has(input[name="language"][value="{code}"])').first.evaluate(
-        "f => f.submit()"
-    )
+    # Wait for the navigation the submit starts: the page before it is idle already.
+    with page.expect_navigation():
+        page.locator(f'form:has(input[name="language"][value="{code}"])').first.evaluate(
+            "f => f.submit()"
+        )
     page.wait_for_load_state("networkidle")
