@@ -26,6 +26,10 @@ ROOT = Path(__file__).resolve().parent
 pytest_plugins = ["tests.faults.tally"]
 ON_MYSQL = settings.DATABASES["default"]["ENGINE"].endswith("mysql")
 ON_REDIS = bool(settings.REDIS_DSN)
+# A check that involves no store, or only an SQLite file of its own (the fake provider,
+# startup errors, a server's process life), is the same on both passes: `make test` runs
+# it once, on the SQLite pass, to keep within its budget.
+SQLITE_PASS = pytest.mark.skipif(ON_MYSQL, reason="the same on every store: on the SQLite pass")
 
 
 def free_port() -> int:

@@ -27,7 +27,7 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 
-from conftest import ROOT, free_port
+from conftest import ROOT, SQLITE_PASS, free_port
 from tests.fakeprovider import (
     ANTHROPIC_MODELS,
     CODINGS,
@@ -50,6 +50,8 @@ from tests.fakeprovider import (
     running_provider,
 )
 from tests.fakeprovider_errors import duration
+
+pytestmark = SQLITE_PASS
 
 
 @pytest.fixture

@@ -18,9 +18,11 @@ from typing import Any
 
 import httpx
 
-from conftest import ADMIN_KEY, free_port
+from conftest import ADMIN_KEY, SQLITE_PASS, free_port
 from proxy.tests.conftest import PROXY_KEY, proxy_url
 from tests.fakeprovider import Behaviour, FakeProvider
+
+pytestmark = SQLITE_PASS  # masking is the same whatever stores the rows
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 PROXY = {"Authorization": f"Bearer {PROXY_KEY}"}

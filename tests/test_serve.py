@@ -15,11 +15,12 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import ADMIN_KEY, ON_MYSQL, ON_REDIS, ROOT, free_port, manage
+from conftest import ADMIN_KEY, ON_MYSQL, ON_REDIS, ROOT, SQLITE_PASS, free_port, manage
 from gptload.lib.secrets import weakness
 from tests.fakeprovider import Behaviour, FakeProvider
 
 
+@SQLITE_PASS  # a process's life, the same on every store
 def test_serve_answers_health_and_the_admin_and_stops_on_sigterm(serve):
     server = serve(worker=True)  # as `make run`: the stop includes its worker
     server.wait_ready()
@@ -39,6 +40,7 @@ def test_serve_answers_health_and_the_admin_and_stops_on_sigterm(serve):
     assert "Traceback" not in output
 
 
+@SQLITE_PASS  # a process's life, the same on every store
 def test_serve_stops_on_ctrl_c(serve):
     server = serve(worker=True)
     server.wait_ready()
@@ -46,6 +48,7 @@ def test_serve_stops_on_ctrl_c(serve):
     assert server.process.wait(15) == 0
 
 
+@SQLITE_PASS  # a process's life, the same on every store
 def test_serve_warns_loudly_about_a_weak_auth_key(serve):
     server = serve(env={"AUTH_KEY": "sk-123456"})
     server.wait_ready()
@@ -54,6 +57,7 @@ def test_serve_warns_loudly_about_a_weak_auth_key(serve):
     assert "WARNING: AUTH_KEY is weak: it is GPT-Load's published default sk-123456" in output
 
 
+@SQLITE_PASS  # a process's life, the same on every store
 def test_without_auth_key_a_strong_one_is_made_kept_and_shown_once(serve, tmp_path, store_env):
     db = tmp_path / "fresh" / "gptload.db"
     env = {"AUTH_KEY": "", "DATABASE_DSN": str(db)}
@@ -91,6 +95,7 @@ def test_without_auth_key_a_strong_one_is_made_kept_and_shown_once(serve, tmp_pa
         assert answer.status_code == status
 
 
+@SQLITE_PASS  # a process's life, the same on every store
 def test_daphne_serves_the_same_application(serve):
     port = free_port()
     server = serve(
@@ -201,6 +206,7 @@ def test_a_master_node_migrates_a_fresh_database(serve, tmp_path):
     } <= tables
 
 
+@SQLITE_PASS  # a process's life, the same on every store
 def test_log_format_json_writes_json_lines_from_every_process(serve, tmp_path):
     """uvicorn's, Django's and the embedded Celery worker's and beat's loggers alike."""
     log_file = tmp_path / "logs" / "app.log"
@@ -255,6 +261,7 @@ def workers_of(server) -> set[int]:
     return {pid for pid, cmd in children(server.process.pid).items() if "celery" in cmd}
 
 
+@SQLITE_PASS  # a process's life, the same on every store
 def test_serve_runs_and_supervises_the_embedded_worker(serve, tmp_path):
     """Started from another folder (the worker once looked for `gptload` there, and
     restarted for ever)."""
@@ -354,6 +361,7 @@ def test_daphne_writes_buffered_log_rows_at_exit(serve, store_env):
     assert logged_rows(store_env, name) == "1"
 
 
+@SQLITE_PASS  # a process's life, the same on every store
 def test_no_child_outlives_a_killed_serve(serve):
     """SIGKILL (or the OOM killer) gives serve no chance to stop its children: they go
     by themselves, the embedded worker (and its beat) and the uvicorn workers alike."""
@@ -385,6 +393,7 @@ def test_no_child_outlives_a_killed_serve(serve):
     assert not alive, {pid: kids[pid] for pid in alive}
 
 
+@SQLITE_PASS  # a process's life, the same on every store
 def test_a_killed_embedded_worker_takes_its_beat_with_it(serve):
     """Beat is forked by the Celery worker; a worker that dies without stopping it (killed,
     or stopped while it was still starting) must not leave it sending the periodic jobs

@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-from conftest import ROOT, base_env, manage
+from conftest import ROOT, SQLITE_PASS, base_env, manage
+
+pytestmark = SQLITE_PASS
 
 BAD_VALUES = [
     ("PORT", "abc", "PORT: expected a whole number"),
