@@ -194,11 +194,13 @@ class AccessKeyAdmin(ModelAdmin):
              budget(getattr(key, f"tokens_{when}", 0), limit))
             for label, when, limit in rows
         ))  # fmt: skip
+        logs = reverse("admin:logs_requestlog_changelist") + f"?access_key={key.pk}"
         return format_html(
             '<table class="text-sm"><tr class="text-gray-500"><th></th><th class="pr-6 '
             'text-left font-normal">{}</th><th class="pr-6 text-left font-normal">{}</th><th '
-            'class="text-left font-normal">{}</th></tr>{}</table>',
-            _("Requests"), _("Failed"), _("Tokens / limit"), cells,
+            'class="text-left font-normal">{}</th></tr>{}</table><a class="text-primary-600 '
+            'text-sm" href="{}">{}</a>',
+            _("Requests"), _("Failed"), _("Tokens / limit"), cells, logs, _("Its request logs"),
         )  # fmt: skip
 
     # -- actions --

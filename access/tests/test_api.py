@@ -191,3 +191,12 @@ def test_the_api_needs_the_admin_key(client):
     response = client.get("/api/access-keys")
     assert response.status_code == 401
     assert response.json()["code"] == "UNAUTHORIZED"
+
+
+@pytest.mark.parametrize(
+    ("language", "words"),
+    [("zh-CN", "未找到访问密钥 424242"), ("ja", "アクセスキー 424242 が見つかりません")],
+)
+def test_refusals_speak_the_callers_language(admin_api, language, words):
+    answer = admin_api.get("/access-keys/424242", headers={"Accept-Language": language})
+    assert admin_api.refused(answer, 404, "NOT_FOUND") == words

@@ -162,3 +162,16 @@ def test_a_deleted_access_key_keeps_its_logs_and_rollups(world):
     key.delete()
     assert RequestLog.objects.get().access_key_id == key_id
     assert AccessKeyHourlyStat.objects.get().access_key_id == key_id
+
+
+def test_logs_name_their_access_key_and_filter_by_it(admin_api, world, admin_client):
+    member, key = world["member"], world["key"]
+    write_batch([entry(member, time.time(), key=key), entry(member, time.time())])
+    rows = admin_api.data(admin_api.get(f"/logs?access_key_id={key.pk}"))["items"]
+    assert [row["access_key_id"] for row in rows] == [key.pk]
+    everything = admin_api.data(admin_api.get("/logs?access_key_id="))["items"]
+    assert sorted(row["access_key_id"] or 0 for row in everything) == [0, key.pk]
+    page = admin_client.get(f"/admin/logs/requestlog/?access_key={key.pk}")
+    assert page.status_code == 200
+    assert page.context["cl"].result_list[0].access_key_id == key.pk
+    assert len(page.context["cl"].result_list) == 1
