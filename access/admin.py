@@ -176,7 +176,7 @@ class AccessKeyAdmin(ModelAdmin):
     def today_shown(self, key: Any) -> str:
         return budget(getattr(key, "tokens_today", 0), key.daily_tokens)
 
-    @display(description=_("Usage"))
+    @display(description=_("Today and this month"))
     def usage_shown(self, key: Any) -> str:
         """Today and this month, against the key's token budgets."""
         if not key.pk:
