@@ -7,6 +7,7 @@ import hashlib
 
 import pytest
 from django.db import connection
+from django.utils import translation
 
 from access.models import AccessKey
 from keys.models import Group
@@ -198,5 +199,9 @@ def test_the_api_needs_the_admin_key(client):
     [("zh-CN", "未找到访问密钥 424242"), ("ja", "アクセスキー 424242 が見つかりません")],
 )
 def test_refusals_speak_the_callers_language(admin_api, language, words):
-    answer = admin_api.get("/access-keys/424242", headers={"Accept-Language": language})
-    assert admin_api.refused(answer, 404, "NOT_FOUND") == words
+    try:
+        answer = admin_api.get("/access-keys/424242", headers={"Accept-Language": language})
+        assert admin_api.refused(answer, 404, "NOT_FOUND") == words
+    finally:
+        # LocaleMiddleware leaves the request's language active in this thread.
+        translation.deactivate()
