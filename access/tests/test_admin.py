@@ -135,6 +135,14 @@ def test_bulk_actions_switch_keys_on_and_off(operator):
                                   "_selected_action": [k.pk for k in keys]}, follow=True)  # fmt: skip
     assert "2 access keys disabled." in answer.content.decode()
     assert set(AccessKey.objects.values_list("enabled", flat=True)) == {False}
+    answer = operator.post(LIST, {"action": "enable_selected",
+                                  "_selected_action": [keys[0].pk]}, follow=True)  # fmt: skip
+    assert "1 access keys enabled." in answer.content.decode()
+    assert AccessKey.objects.get(pk=keys[0].pk).enabled
+    answer = operator.post(LIST, {"action": "delete_selected", "post": "yes",
+                                  "_selected_action": [k.pk for k in keys]}, follow=True)  # fmt: skip
+    assert answer.status_code == 200
+    assert not AccessKey.objects.exists()
 
 
 def test_a_viewer_sees_keys_but_cannot_change_or_rotate_them(client):
