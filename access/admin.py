@@ -127,8 +127,8 @@ class AccessKeyAdmin(ModelAdmin):
     def show_secret(self, request: HttpRequest, key: AccessKey, secret: str) -> None:
         """The one time a secret is shown: a message on the next page, with a copy button.
 
-        Django's messages travel in a signed cookie and are gone once shown, so the
-        secret is stored nowhere on the server.
+        Django's messages travel in a signed cookie (the session holds only those too big
+        for it, until they are shown) and are gone once shown: the server keeps no copy.
         """
         self.message_user(request, format_html(
             '{} <code class="font-mono select-all">{}</code> {}<br>{}',
