@@ -185,6 +185,7 @@ INSTALLED_APPS = [
     "gptload",
     "settings_app",
     "keys",
+    "access",
     "logs",
     "proxy",
 ]
@@ -328,6 +329,11 @@ UNFOLD = {
                     {"title": _("Dashboard"), "icon": "dashboard", "link": "/admin/"},
                     {"title": _("Groups"), "icon": "hub", "link": "/admin/keys/group/"},
                     {"title": _("Keys"), "icon": "key", "link": "/admin/keys/apikey/"},
+                    {
+                        "title": _("Access keys"),
+                        "icon": "badge",
+                        "link": "/admin/access/accesskey/",
+                    },
                     {
                         "title": _("Request logs"),
                         "icon": "receipt_long",

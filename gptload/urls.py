@@ -5,12 +5,14 @@ from django.templatetags.static import static
 from django.urls import include, path, re_path
 from django.views.generic import RedirectView
 
+from access import api as access_api
 from gptload import api_system
 from gptload.health import health, ready
 from gptload.lib.api import api, unknown_path
 from gptload.metrics import scrape
 from keys import api_groups, api_keys
 from logs import api as logs_api
+from logs import api_usage
 from proxy.api import api as proxy_api
 from settings_app import api as settings_api
 
@@ -24,6 +26,8 @@ api.add_router("/keys", api_keys.router)
 api.add_router("/tasks", api_keys.tasks_router)
 api.add_router("", logs_api.router)  # logs and dashboard
 api.add_router("/settings", settings_api.router)
+api.add_router("/access-keys", access_api.router)
+api.add_router("/access-keys", api_usage.router)  # usage: read from the logs' rollups
 
 urlpatterns = [
     path("health", health, name="health"),

@@ -28,6 +28,7 @@ from unfold.contrib.filters.admin import (
 from unfold.decorators import action, display
 from unfold.utils import parse_datetime_str
 
+from access.models import AccessKey
 from gptload.lib.crypto import DecryptionError, current_cipher
 from gptload.lib.paging import Keyset, SeekPaging
 from gptload.lib.secrets import mask
@@ -67,6 +68,21 @@ class GroupFilter(DropdownFilter):
         if Group.objects.filter(pk=int(value), group_type=GroupType.AGGREGATE).exists():
             return queryset.filter(parent_group_id=int(value))
         return queryset.filter(group_id=int(value))
+
+
+class AccessKeyFilter(DropdownFilter):
+    """Calls made with one access key (its `(access_key_id, timestamp)` index serves it)."""
+
+    title = _("access key")
+    parameter_name = "access_key"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        keys = AccessKey.objects.order_by("name", "pk").values_list("pk", "name")
+        return [(str(pk), name) for pk, name in keys]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        return queryset.filter(access_key_id=int(value)) if value and value.isdigit() else queryset
 
 
 class TimeRangeFilter(RangeDateTimeFilter):
@@ -139,7 +155,7 @@ class RequestLogAdmin(ReadOnlyAdmin):
     list_filter = [
         GroupFilter, ModelFilter, StatusFilter, ("is_success", BooleanRadioFilter),
         ("request_type", ChoicesRadioFilter), ("is_stream", BooleanRadioFilter),
-        ("timestamp", TimeRangeFilter), KeyFilter, ErrorFilter,
+        ("timestamp", TimeRangeFilter), KeyFilter, ErrorFilter, AccessKeyFilter,
     ]  # fmt: skip
     list_filter_submit = True
     list_fullwidth = True

@@ -28,6 +28,7 @@ from ninja import Field, Query, Router, Schema
 from pydantic import field_validator
 
 from gptload.lib.api import (
+    MAX_ID,
     ApiError,
     Envelope,
     Page,
@@ -72,6 +73,10 @@ class LogFilters(Schema):
     error_contains: str | None = Field(None, description="Substring of the error message.")
     start_time: str | None = Field(None, description="ISO 8601 / RFC 3339, inclusive.")
     end_time: str | None = Field(None, description="ISO 8601 / RFC 3339, inclusive.")
+    access_key_id: int | None = Field(
+        None, ge=1, le=MAX_ID, description="Calls made with this access key (gptload's own).",
+        json_schema_extra=blank_allowed,
+    )  # fmt: skip
 
     @field_validator("*", mode="before")
     @classmethod
@@ -104,6 +109,7 @@ class LogOut(Schema):
     prompt_tokens: int | None
     completion_tokens: int | None
     total_tokens: int | None
+    access_key_id: int | None = Field(description="The client's access key, if it used one.")
 
 
 def parse_time(name: str, raw: str) -> datetime:
@@ -140,6 +146,8 @@ def filtered_logs(filters: LogFilters) -> QuerySet[RequestLog]:
         rows = rows.filter(source_ip=filters.source_ip.strip())
     if filters.error_contains:
         rows = rows.filter(error_message__icontains=filters.error_contains)
+    if filters.access_key_id is not None:
+        rows = rows.filter(access_key_id=filters.access_key_id)
     start = parse_time("start_time", filters.start_time) if filters.start_time else None
     end = parse_time("end_time", filters.end_time) if filters.end_time else None
     if start and end and start > end:

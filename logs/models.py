@@ -13,8 +13,9 @@ class RequestType(models.TextChoices):
 class RequestLog(models.Model):
     """One upstream attempt (GPT-Load's `request_logs`), plus token usage.
 
-    Groups are referenced by plain id and name, without a foreign key, so that the log of a
-    deleted group survives. Indexes serve the newest-first listing, the filters of the
+    Groups and access keys are referenced by plain id, without a foreign key, so that the
+    log of a deleted group or access key survives (and the batch writer's prepared INSERT
+    takes ids as they come, with nothing to check per row). Indexes serve the newest-first listing, the filters of the
     log API and the retention delete at ten million rows.
     """
 
@@ -43,6 +44,9 @@ class RequestLog(models.Model):
     prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
     completion_tokens = models.PositiveIntegerField(null=True, blank=True)
     total_tokens = models.PositiveIntegerField(null=True, blank=True)
+    access_key_id = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="The access key the client called with, if any."
+    )
 
     class Meta:
         ordering = ["-timestamp"]
@@ -55,6 +59,7 @@ class RequestLog(models.Model):
             models.Index(fields=["status_code", "timestamp"], name="log_status_time"),
             models.Index(fields=["request_type", "timestamp"], name="log_type_time"),
             models.Index(fields=["is_success", "timestamp"], name="log_success_time"),
+            models.Index(fields=["access_key_id", "timestamp"], name="log_access_time"),
         ]
 
     def __str__(self) -> str:
@@ -95,3 +100,37 @@ class HourlyStat(models.Model):
     @property
     def request_count(self) -> int:
         return self.success_count + self.failure_count
+
+
+class AccessKeyHourlyStat(models.Model):
+    """Requests, failures and tokens per access key × group × model × hour (UTC-aligned):
+    what each client used, for its usage page and for billing.
+
+    Final attempts of calls made with an access key only. The group is the one the client
+    named in its URL (an aggregate, when it called one), so that a key's rows add up to
+    its calls without counting a call twice. Kept as long as `HourlyStat`.
+    """
+
+    hour = models.DateTimeField(help_text="Start of the hour (UTC).")
+    access_key_id = models.PositiveBigIntegerField()
+    group_id = models.PositiveBigIntegerField()
+    model = models.CharField(max_length=255, blank=True)
+    requests = models.PositiveBigIntegerField(default=0)
+    failures = models.PositiveBigIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    total_tokens = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-hour"]
+        verbose_name = "access key hourly statistic"
+        constraints = [
+            # Access key first: the same index serves a key's usage over a day or a month.
+            models.UniqueConstraint(
+                fields=["access_key_id", "hour", "group_id", "model"], name="uniq_access_hour"
+            ),
+        ]
+        indexes = [models.Index(fields=["hour"], name="access_hour")]  # retention
+
+    def __str__(self) -> str:
+        return f"{self.hour:%Y-%m-%d %H:00} access key {self.access_key_id} {self.model}"

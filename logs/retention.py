@@ -17,7 +17,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from logs.models import HourlyStat, RequestLog
+from logs.models import AccessKeyHourlyStat, HourlyStat, RequestLog
 from settings_app.models import SystemSetting
 
 # Rows per DELETE, at first. Each row leaves nine B-trees (the table and its eight
@@ -32,16 +32,23 @@ SMALLEST, LARGEST = 50, 5000
 
 def prune_logs(now: datetime | None = None) -> dict[str, int]:
     """Deletes request logs older than `request_log_retention_days` (0: keep them all)
-    and hourly statistics older than `STATS_RETENTION_DAYS`; returns the counts."""
+    and hourly statistics (per group and per access key) older than
+    `STATS_RETENTION_DAYS`; returns the counts."""
     now = now or timezone.now()
     days = int(SystemSetting.objects.typed_values().get("request_log_retention_days", 7))
     logs = delete_before(RequestLog, "timestamp", now - timedelta(days=days)) if days else 0
-    stats_days = settings.STATS_RETENTION_DAYS
-    stats = delete_before(HourlyStat, "time", now - timedelta(days=stats_days)) if stats_days else 0
-    return {"request_logs": logs, "hourly_stats": stats}
+    counts = {"request_logs": logs, "hourly_stats": 0, "access_key_hourly_stats": 0}
+    if stats_days := settings.STATS_RETENTION_DAYS:
+        cutoff = now - timedelta(days=stats_days)
+        counts["hourly_stats"] = delete_before(HourlyStat, "time", cutoff)
+        counts["access_key_hourly_stats"] = delete_before(AccessKeyHourlyStat, "hour", cutoff)
+    return counts
 
 
-def delete_before(model: type[RequestLog] | type[HourlyStat], field: str, cutoff: datetime) -> int:
+Pruned = type[RequestLog] | type[HourlyStat] | type[AccessKeyHourlyStat]
+
+
+def delete_before(model: Pruned, field: str, cutoff: datetime) -> int:
     """Deletes `model` rows whose `field` is before `cutoff`, a batch at a time."""
     deleted, size = 0, BATCH
     while True:
@@ -60,12 +67,7 @@ def next_size(size: int, took: float) -> int:
     return max(SMALLEST, min(LARGEST, size * 2, int(size * AIM / took)))
 
 
-def delete_batch(
-    model: type[RequestLog] | type[HourlyStat],
-    field: str,
-    cutoff: datetime,
-    size: int | None = None,
-) -> int:
+def delete_batch(model: Pruned, field: str, cutoff: datetime, size: int | None = None) -> int:
     """Deletes the oldest rows before `cutoff`: about `size` (`BATCH` by default; more
     only when rows share the last one's time). Returns how many; 0 when none is left."""
     size = size or BATCH

@@ -1,5 +1,5 @@
-"""Writing request logs: a batch of attempts becomes log rows, hourly rollups and key
-counters, in one transaction.
+"""Writing request logs: a batch of attempts becomes log rows, hourly rollups (per group,
+and per access key) and key counters, in one transaction.
 
 The proxy collects `LogEntry` objects in memory and hands them over in batches (from one
 writer thread, see `proxy.recorder`); everything written to the database happens here.
@@ -21,7 +21,7 @@ from django.db.models import F
 
 from gptload.lib.providers.base import Usage
 from keys.models import APIKey
-from logs.models import HourlyStat, RequestLog, RequestType
+from logs.models import AccessKeyHourlyStat, HourlyStat, RequestLog, RequestType
 
 BODY_LIMIT = 65_000
 ERROR_LIMIT = 65_000
@@ -54,6 +54,7 @@ class LogEntry:
     # Nobody's fault (a client that left, a stream the upstream cut short): the key's
     # failure counter does not move, though the request did not succeed.
     blameless: bool = False
+    access_key_id: int | None = None  # the client's access key, if it called with one
 
     @property
     def success(self) -> bool:
@@ -70,7 +71,7 @@ class LogEntry:
             RequestType.FINAL if self.final else RequestType.RETRY, self.upstream[:500],
             self.stream, self.request_body[:BODY_LIMIT],
             usage.prompt_tokens if usage else None, usage.completion_tokens if usage else None,
-            usage.total_tokens if usage else None,
+            usage.total_tokens if usage else None, self.access_key_id,
         )  # fmt: skip
 
 
@@ -80,7 +81,7 @@ COLUMNS = (
     "key_value", "key_hash", "model", "is_success", "source_ip", "status_code",
     "request_path", "duration_ms", "error_message", "user_agent", "request_type",
     "upstream_addr", "is_stream", "request_body", "prompt_tokens", "completion_tokens",
-    "total_tokens",
+    "total_tokens", "access_key_id",
 )  # fmt: skip
 
 
@@ -93,9 +94,13 @@ def write_batch(entries: list[LogEntry]) -> None:
         raise
 
 
+Bucket = list[int]  # requests that succeeded, failed; prompt, completion, total tokens
+
+
 def _write_batch(entries: list[LogEntry]) -> None:
     keys: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])  # successes, failures, last
-    hours: dict[tuple[datetime, int, str], list[int]] = defaultdict(lambda: [0] * 5)
+    hours: dict[tuple[datetime, int, str], Bucket] = defaultdict(lambda: [0] * 5)
+    clients: dict[tuple[datetime, int, int, str], Bucket] = defaultdict(lambda: [0] * 5)
     for entry in entries:
         if entry.key_id is not None and not (entry.blameless and not entry.success):
             used = keys[entry.key_id]
@@ -103,19 +108,29 @@ def _write_batch(entries: list[LogEntry]) -> None:
             used[2] = max(used[2], entry.timestamp)
         if entry.final:
             hour = datetime.fromtimestamp(entry.timestamp - entry.timestamp % 3600, UTC)
-            usage = entry.usage
+            model = entry.model[:255]
             for group_id in filter(None, (entry.group_id, entry.parent_group_id)):
-                bucket = hours[(hour, group_id, entry.model[:255])]
-                bucket[0 if entry.success else 1] += 1
-                if usage is not None:
-                    bucket[2] += usage.prompt_tokens or 0
-                    bucket[3] += usage.completion_tokens or 0
-                    bucket[4] += usage.total_tokens or 0
+                count(hours[(hour, group_id, model)], entry)
+            if entry.access_key_id is not None:
+                # One row per call: the group it named (the aggregate, if through one).
+                named = entry.parent_group_id or entry.group_id
+                count(clients[(hour, entry.access_key_id, named, model)], entry)
     with transaction.atomic():
         insert_logs(entries)
         APIKey.objects.count_use({k: (int(s), int(f), t) for k, (s, f, t) in keys.items()})
         for (hour, group_id, model), counts in hours.items():
             add_hourly(hour, group_id, model, counts)
+        for (hour, access_key_id, group_id, model), counts in clients.items():
+            add_access_hourly(hour, access_key_id, group_id, model, counts)
+
+
+def count(bucket: Bucket, entry: LogEntry) -> None:
+    """Adds a final attempt to an hourly bucket."""
+    bucket[0 if entry.success else 1] += 1
+    if (usage := entry.usage) is not None:
+        bucket[2] += usage.prompt_tokens or 0
+        bucket[3] += usage.completion_tokens or 0
+        bucket[4] += usage.total_tokens or 0
 
 
 def insert_logs(entries: list[LogEntry]) -> None:
@@ -176,23 +191,34 @@ def timestamp_adapter() -> Callable[[float], Any]:
     return lambda ts: adapt(datetime.fromtimestamp(ts, UTC))
 
 
-def add_hourly(hour: datetime, group_id: int, model: str, counts: list[int]) -> None:
-    increments = {
-        "success_count": F("success_count") + counts[0],
-        "failure_count": F("failure_count") + counts[1],
-        "prompt_tokens": F("prompt_tokens") + counts[2],
-        "completion_tokens": F("completion_tokens") + counts[3],
-        "total_tokens": F("total_tokens") + counts[4],
-    }
-    bucket = HourlyStat.objects.filter(time=hour, group_id=group_id, model=model)
-    if bucket.update(**increments):
+def add_hourly(hour: datetime, group_id: int, model: str, counts: Bucket) -> None:
+    add_to(HourlyStat, {"time": hour, "group_id": group_id, "model": model}, {
+        "success_count": counts[0], "failure_count": counts[1], "prompt_tokens": counts[2],
+        "completion_tokens": counts[3], "total_tokens": counts[4],
+    })  # fmt: skip
+
+
+def add_access_hourly(
+    hour: datetime, access_key_id: int, group_id: int, model: str, counts: Bucket
+) -> None:
+    where = {"hour": hour, "access_key_id": access_key_id, "group_id": group_id, "model": model}
+    add_to(AccessKeyHourlyStat, where, {
+        "requests": counts[0] + counts[1], "failures": counts[1], "prompt_tokens": counts[2],
+        "completion_tokens": counts[3], "total_tokens": counts[4],
+    })  # fmt: skip
+
+
+def add_to(
+    model: type[HourlyStat] | type[AccessKeyHourlyStat],
+    where: dict[str, Any],
+    amounts: dict[str, int],
+) -> None:
+    """Adds `amounts` to the rollup row `where` names, creating it if it is the hour's first."""
+    bucket = model.objects.filter(**where)
+    if bucket.update(**{name: F(name) + amount for name, amount in amounts.items()}):
         return
     try:
         with transaction.atomic():  # another node may create the same hour at once
-            HourlyStat.objects.create(
-                time=hour, group_id=group_id, model=model, success_count=counts[0],
-                failure_count=counts[1], prompt_tokens=counts[2],
-                completion_tokens=counts[3], total_tokens=counts[4],
-            )  # fmt: skip
+            model.objects.create(**where, **amounts)
     except IntegrityError:
-        bucket.update(**increments)
+        bucket.update(**{name: F(name) + amount for name, amount in amounts.items()})

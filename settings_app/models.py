@@ -92,6 +92,7 @@ class ChangeScope(models.TextChoices):
     ALL = "all", "Everything"
     SETTINGS = "settings", "System settings"
     GROUP = "group", "One group and its keys"
+    ACCESS = "access", "Access keys"
 
 
 class ConfigChange(models.Model):

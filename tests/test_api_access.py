@@ -130,3 +130,39 @@ def test_wrong_keys_are_rate_limited_on_every_door(settings):
         from django.core.cache import cache
 
         cache.delete("signin-failures:198.51.100.7")
+
+
+def test_access_keys_are_their_own_area():
+    """A view-only role lists access keys and reads their usage, and changes nothing; each
+    change needs its own permission of the access app."""
+    from access.models import AccessKey
+
+    key = AccessKey(name="team-a")
+    key.issue()
+    key.save()
+    body: dict[str, Any] = {"content_type": "application/json", "data": '{"name": "team-b"}'}
+
+    def seen(client: Client) -> dict[str, int]:
+        return {
+            "list": client.get("/api/access-keys").status_code,
+            "get": client.get(f"/api/access-keys/{key.pk}").status_code,
+            "usage": client.get(f"/api/access-keys/{key.pk}/usage").status_code,
+            "create": client.post("/api/access-keys", **body).status_code,
+            "update": client.put(f"/api/access-keys/{key.pk}", **body).status_code,
+            "rotate": client.post(f"/api/access-keys/{key.pk}/rotate").status_code,
+        }
+
+    assert set(seen(session("keys.view_group", "keys.change_apikey")).values()) == {403}
+    viewer = session("access.view_accesskey")
+    assert seen(viewer) == {"list": 200, "get": 200, "usage": 200, "create": 403,
+                            "update": 403, "rotate": 403}  # fmt: skip
+    refused = viewer.post("/api/access-keys", **body).json()
+    assert refused["code"] == "FORBIDDEN"
+    assert "access.add_accesskey" in refused["message"]
+    editor = seen(session("access.view_accesskey", "access.change_accesskey"))
+    assert (editor["create"], editor["update"], editor["rotate"]) == (403, 200, 200)
+    assert session("access.add_accesskey").post("/api/access-keys", **body).status_code == 200
+    assert session("access.view_accesskey").delete(f"/api/access-keys/{key.pk}").status_code == 403
+    assert (
+        session("access.delete_accesskey").delete(f"/api/access-keys/{key.pk}").status_code == 200
+    )

@@ -37,10 +37,13 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from access.models import AccessKey
 from conftest import ADMIN_KEY
 from gptload.celery import app as celery_app
+from gptload.lib.providers.base import Usage
 from keys.models import APIKey, Group, GroupSubGroup, JobKind, JobStatus, KeyJob, KeyStatus
 from logs.models import RequestLog
+from logs.writer import LogEntry, write_batch
 from tests.fakeprovider import FakeProvider
 
 pytestmark = pytest.mark.django_db
@@ -98,7 +101,8 @@ def forget_connections() -> None:
 
 @pytest.fixture
 def world(provider, memory_broker, settings) -> Iterator[None]:
-    """Three standard groups (keys in every state), an aggregate, logs and a finished job."""
+    """Three standard groups (keys in every state), an aggregate, logs, a finished job and
+    two access keys (one limited to a group, with usage)."""
     settings.AUTH_KEY = ADMIN_KEY
     # As Django's test client does: the handler must not close the test's connection.
     request_started.disconnect(close_old_connections)
@@ -131,9 +135,18 @@ def world(provider, memory_broker, settings) -> Iterator[None]:
     job = KeyJob.objects.create(
         kind=JobKind.VALIDATE, group=other, status=JobStatus.SUCCEEDED, finished_at=now
     )
+    access = [AccessKey(name="fuzz-client", daily_tokens=1000), AccessKey(name="fuzz-open")]
+    for access_key in access:
+        access_key.issue()
+        access_key.save()
+    access[0].groups.set([openai, aggregate])
+    write_batch([LogEntry(now.timestamp(), openai.pk, openai.name, None, "", None, "", "",
+                          "gpt-4o-mini", 200, "", True, 3, "", "/", "", False,
+                          usage=Usage(5, 7), access_key_id=access[0].pk)])  # fmt: skip
     groups = [openai.pk, other.pk, gemini.pk, aggregate.pk]
     KNOWN_IDS.update(group_id=groups, sub_group_id=groups, id=groups, groupId=groups,
-                     key_id=[key.pk for key in keys], job_id=[job.pk])  # fmt: skip
+                     key_id=[key.pk for key in keys], job_id=[job.pk],
+                     access_key_id=[key.pk for key in access])  # fmt: skip
     yield
     KNOWN_IDS.clear()
     request_started.connect(close_old_connections)

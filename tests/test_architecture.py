@@ -26,6 +26,7 @@ def test_every_entry_module_is_forbidden_to_the_apps():
     assert set(forbidden["source_modules"]) == {
         "proxy",
         "logs",
+        "access",
         "keys",
         "settings_app",
         "gptload.lib",
@@ -36,6 +37,6 @@ def test_the_apps_are_layered_as_the_map_says():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     contracts = config["tool"]["importlinter"]["contracts"]
     (layers,) = [c for c in contracts if c["type"] == "layers"]
-    assert layers["layers"] == ["proxy", "logs", "keys", "settings_app", "gptload.lib"]
+    assert layers["layers"] == ["proxy", "logs", "access", "keys", "settings_app", "gptload.lib"]
     architecture = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
-    assert "proxy → logs → keys → settings_app → gptload.lib" in architecture
+    assert "proxy → logs → access → keys → settings_app → gptload.lib" in architecture

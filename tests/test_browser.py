@@ -191,6 +191,34 @@ def test_an_operators_first_day(page: Any, server: Any, fake: FakeProvider) -> N
     assert "Dashboard" in page.inner_text("nav")
 
 
+def test_an_access_keys_secret_is_shown_once_and_copied(page: Any, server: Any) -> None:
+    """Made on its form; its secret shown once after the save, beside a working copy
+    button, and never again; its page shows its usage against its limits."""
+    page.goto("/admin/login/")
+    if "/login/" in page.url:
+        page.fill("input[name=password]", ADMIN_KEY)
+        page.click("button[type=submit]")
+        page.wait_for_selector("#dashboard")
+    page.goto("/admin/access/accesskey/add/")
+    page.fill("input[name=name]", "ci-runner")
+    page.fill("textarea[name=models]", "gpt-4o*\nclaude-*")
+    page.fill("input[name=daily_tokens]", "100000")
+    page.click("button[name=_save]")
+    page.wait_for_selector("text=Copy it now")
+    secret = page.locator("code.select-all").inner_text()
+    assert re.fullmatch(r"gl-[A-Za-z0-9_-]{43}", secret)
+    page.locator('button[title="Copy"][data-copy]').first.click()
+    assert page.evaluate("navigator.clipboard.readText()") == secret
+    assert "0 / 100,000" in page.inner_text("body")  # usage today against the daily limit
+    shot(page, "access-key")
+    page.reload()
+    assert secret not in page.content()
+    page.goto("/admin/access/accesskey/")
+    assert "ci-runner" in page.inner_text("#result_list")
+    assert secret not in page.content()
+    shot(page, "access-keys")
+
+
 def reload_until(page: Any, url: str, selector: str, within: float = 15.0) -> list[str]:
     """The texts of `selector` once the page shows some (logs are written behind the calls)."""
     deadline = time.monotonic() + within

@@ -231,6 +231,7 @@ AREAS = (
     ("/api/logs", "logs.%s_requestlog", "view"),
     ("/api/dashboard", "logs.%s_requestlog", "view"),
     ("/api/settings", "settings_app.%s_systemsetting", "change"),
+    ("/api/access-keys", "access.%s_accesskey", "view"),  # no secret is ever read back
     ("/api/channel-types", "", ""),
 )
 ADDING = ("/add-multiple", "/add-async", "/copy")

@@ -71,7 +71,9 @@ def test_logs_past_retention_are_deleted_in_batches(monkeypatch):
     RequestLog.objects.bulk_create(rows)
     HourlyStat.objects.bulk_create([HourlyStat(time=now - timedelta(days=d), group_id=1, model=str(d))
                                     for d in (1, 399, 401)])  # fmt: skip
-    assert retention.prune_logs(now) == {"request_logs": 6, "hourly_stats": 1}
+    assert retention.prune_logs(now) == {
+        "request_logs": 6, "hourly_stats": 1, "access_key_hourly_stats": 0,
+    }  # fmt: skip
     assert RequestLog.objects.count() == 3
     assert sorted(HourlyStat.objects.values_list("model", flat=True)) == ["1", "399"]
     SystemSetting.objects.create(setting_key="request_log_retention_days", setting_value="0")
