@@ -120,6 +120,16 @@ class AccessRule:
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
 
+    @property
+    def limited(self) -> bool:
+        """Whether any limit is set (a call of an unlimited key is not counted)."""
+        return bool(self.rpm or self.max_concurrency or self.counts_tokens)
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether tokens are limited (per minute, day or month): calls reserve them."""
+        return bool(self.tpm or self.daily_tokens or self.monthly_tokens)
+
 
 class AccessKeyQuerySet(models.QuerySet["AccessKey"]):
     def rules(self) -> list[AccessRule]:

@@ -45,8 +45,7 @@ from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
 from gptload.lib.providers.headers import ANSWER_SECURITY
-from proxy.pipeline import ProxyError, ProxyResponse, admit
-from proxy.snapshot import GroupView
+from proxy.pipeline import Admission, ProxyError, ProxyResponse, admit
 
 log = logging.getLogger("gptload.proxy")
 TIMEOUT_BODY = b'{"error":{"message":"Request body not received in time.","type":"timeout"}}'
@@ -69,7 +68,7 @@ class Disconnected(Exception):
 class ProxyRequest(ASGIRequest):
     """An `ASGIRequest` made from the scope and the body, with `META` built on first use."""
 
-    admitted: GroupView | None = None  # the group the headers' key opens (handler.admit)
+    admitted: Admission | None = None  # the group the headers' key opens, and its access key
     refusal: ProxyError | None = None  # refused before the body was read
 
     def __init__(self, scope: dict[str, Any], body: bytes, group: str, path: str) -> None:
@@ -131,7 +130,7 @@ class ProxyHandler:
         if len(route) < 4 or not route[2]:
             await send_plain(send, 404, NOT_FOUND_BODY)
             return
-        admitted: GroupView | None = None
+        admitted: Admission | None = None
         refusal: ProxyError | None = None
         if scope["method"] != "OPTIONS" or not settings.ENABLE_CORS:  # preflights: no key
             try:

@@ -24,6 +24,7 @@ because its counter is away would be worse than a limit counted per node for a w
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import time
@@ -41,19 +42,25 @@ INFLIGHT_TTL = 900  # seconds after which a call's slot is freed if nobody settl
 # When a call states no output bound, this many tokens are reserved for its answer.
 DEFAULT_OUTPUT = 4096
 OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
-PREFIX = "gptload:access:"
 
 
 class Limited(Protocol):
-    """What the counters need to know of an access key (`proxy.snapshot.AccessView`)."""
+    """What the counters need to know of an access key (`access.models.AccessRule`)."""
 
-    id: int
-    rpm: int
-    tpm: int
-    daily_tokens: int
-    monthly_tokens: int
-    max_concurrency: int
-    counts_tokens: bool  # tpm, daily or monthly tokens are limited
+    @property
+    def id(self) -> int: ...
+    @property
+    def rpm(self) -> int: ...
+    @property
+    def tpm(self) -> int: ...
+    @property
+    def daily_tokens(self) -> int: ...
+    @property
+    def monthly_tokens(self) -> int: ...
+    @property
+    def max_concurrency(self) -> int: ...
+    @property
+    def counts_tokens(self) -> bool: ...  # tpm, daily or monthly tokens are limited
 
 
 @dataclass
@@ -317,8 +324,17 @@ return 1
 LIMIT_NAMES = ("", "rpm", "tpm", "daily_tokens", "monthly_tokens", "max_concurrency")
 
 
-def redis_keys(access_id: int, day: str, month: str) -> list[str]:
-    base = f"{PREFIX}{access_id}:"
+def redis_prefix() -> str:
+    """Where this installation's counters live in Redis: access key ids are its database's,
+    so the database is in the name (two installations, or a test run's databases, may
+    share one Redis)."""
+    db = settings.DATABASES["default"]
+    where = f"{db.get('HOST') or ''}:{db.get('PORT') or ''}/{db['NAME']}"
+    return f"gptload:access:{hashlib.sha256(where.encode()).hexdigest()[:12]}:"
+
+
+def redis_keys(prefix: str, access_id: int, day: str, month: str) -> list[str]:
+    base = f"{prefix}{access_id}:"
     return [base + "calls", base + "tokens", base + "day:" + day, base + "month:" + month,
             base + "inflight"]  # fmt: skip
 
@@ -330,6 +346,7 @@ class RedisLimits:
     def __init__(self, redis: Any, fallback: LocalLimits) -> None:
         self.redis = redis
         self.fallback = fallback
+        self.prefix = redis_prefix()
         self.take_script = redis.register_script(TAKE)
         self.settle_script = redis.register_script(SETTLE)
         self.failing = False
@@ -342,7 +359,9 @@ class RedisLimits:
                 access.max_concurrency, reserve, minute_tokens, ticket.id, day_left,
                 month_left, INFLIGHT_TTL, int(access.counts_tokens)]  # fmt: skip
         try:
-            answer = await self.take_script(keys=redis_keys(access.id, day, month), args=args)
+            answer = await self.take_script(
+                keys=redis_keys(self.prefix, access.id, day, month), args=args
+            )
         except Exception as exc:
             return self._fallen_back(exc).take(access, reserve, now)
         self._back()
@@ -355,7 +374,7 @@ class RedisLimits:
         if ticket.id in self.fallback.keys.get(ticket.access_id, Counters()).inflight:
             self.fallback.settle(ticket, used)  # taken here while Redis was away
             return
-        keys = redis_keys(ticket.access_id, ticket.day, ticket.month)
+        keys = redis_keys(self.prefix, ticket.access_id, ticket.day, ticket.month)
         args = [ticket.id, ticket.second, ticket.minute_tokens, ticket.reserved,
                 -1 if used is None else used]  # fmt: skip
         try:

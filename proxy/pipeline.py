@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qsl, quote, urlencode
 
 import aiohttp
@@ -26,6 +26,7 @@ from django.http.response import HttpResponseBase, ResponseHeaders
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from access.models import AccessRule
 from gptload.lib.providers.base import Outbound, Provider, Usage, parse_error_message
 from gptload.lib.providers.headers import (
     CLIENT_CREDENTIALS,
@@ -38,6 +39,7 @@ from gptload.lib.secrets import mask_in
 from keys.states import DEFAULT_COOLDOWN, KeyEntry, Verdict, classify, cooldown_of, key_states
 from logs.writer import LogEntry
 from proxy import metrics, modellist
+from proxy.limits import Refusal, Ticket, limits, reservation
 from proxy.recorder import recorder
 from proxy.runtime import runtime
 from proxy.snapshot import GroupView, Snapshot, digest
@@ -177,6 +179,8 @@ class Call:
     client_ip: str
     user_agent: str
     entry: GroupView | None = None  # the group named in the URL, perhaps an aggregate
+    access: AccessRule | None = None  # the access key it came with (not a proxy key)
+    ticket: Ticket | None = None  # its place in the access key's limits, until settled
     waited: float = 0.0  # seconds spent waiting on upstreams
     tried: set[int] = field(default_factory=set)
     members_tried: set[int] = field(default_factory=set)
@@ -220,10 +224,19 @@ class Call:
             self.held = None
 
     def measure(self, entry: LogEntry) -> None:
-        """Counts the request's end in the metrics, by the group named in its URL."""
+        """Counts the request's end in the metrics, by the group named in its URL, and in
+        its access key's limits (the tokens it used, instead of those it reserved)."""
+        if self.ticket is not None:
+            usage = entry.usage.total_tokens if entry.usage else None
+            self.release(usage if usage is not None or entry.success else 0)
         group = self.entry
         name, channel = (group.name, group.channel) if group else (entry.group_name, "")
         metrics.tally.ended(name, channel, entry, time.perf_counter() - self.started)
+
+    def release(self, used: int | None = None) -> None:
+        """Settles the access key's ticket, once (`used` None: its reservation stands)."""
+        if self.ticket is not None:
+            limits.settle(self.ticket, used)
 
     def overhead_ms(self) -> float:
         return max(0.0, (time.perf_counter() - self.started - self.waited) * 1000)
@@ -329,8 +342,8 @@ async def proxy(request: HttpRequest, group_name: str, path: str) -> HttpRespons
     relaying = False
     try:
         call = start_call(request, path, started)
-        admitted: GroupView | None = getattr(request, "admitted", None)  # by the handler
-        call.entry = admitted or await authorize(call.credential, snapshot, group_name)
+        admitted: Admission | None = getattr(request, "admitted", None)  # by the handler
+        call.entry, call.access = admitted or await authorize(call.credential, snapshot, group_name)
         response = await forward(call)
     except ProxyError as error:
         response = error.response(call.entry.provider if call and call.entry else provider)
@@ -343,6 +356,8 @@ async def proxy(request: HttpRequest, group_name: str, path: str) -> HttpRespons
     finally:
         if not relaying:
             limiter.leave()
+            if call is not None:
+                call.release()  # a call that ended without a final row (a bug of ours)
     overhead = call.overhead_ms() if call else (time.perf_counter() - started) * 1000
     response.raw_headers.append((b"x-gptload-overhead-ms", f"{overhead:.2f}".encode()))
     metrics.tally.spent(overhead / 1000)
@@ -372,16 +387,21 @@ def credential_of(scope: dict[str, Any]) -> str:
     return bearer or credential
 
 
-async def admit(scope: dict[str, Any], name: str) -> GroupView:
-    """The group a request may use, judged from its request line and headers before its
-    body is read (a stranger's body is never buffered); raises the refusal."""
+Admission = tuple[GroupView, AccessRule | None]
+
+
+async def admit(scope: dict[str, Any], name: str) -> Admission:
+    """The group a request may use (and its access key, if it came with one), judged from
+    its request line and headers before its body is read (a stranger's body is never
+    buffered); raises the refusal."""
     snapshot = runtime.snapshot or await runtime.current()
     return await authorize(credential_of(scope), snapshot, name)
 
 
-async def authorize(credential: str, snapshot: Snapshot, name: str) -> GroupView:
-    """The group named in the URL, if the call's key opens it. A miss (no such group, a
-    key not known) looks at the configuration version once: it may have just changed."""
+async def authorize(credential: str, snapshot: Snapshot, name: str) -> Admission:
+    """The group named in the URL, if the call's key opens it: a proxy key (the group's or
+    a global one) or an access key. A miss (no such group, a key not known) looks at the
+    configuration version once: it may have just changed."""
     if not credential:
         raise ProxyError(
             401,
@@ -390,9 +410,15 @@ async def authorize(credential: str, snapshot: Snapshot, name: str) -> GroupView
         )
     secret = digest(credential)
     group = snapshot.groups.get(name)
-    if group is None or not (secret in group.proxy_keys or secret in snapshot.global_keys):
+    access = snapshot.access.get(secret)
+    if group is None or not (
+        access or secret in group.proxy_keys or secret in snapshot.global_keys
+    ):
         snapshot = await runtime.refresh()
         group = snapshot.groups.get(name)
+        access = snapshot.access.get(secret)
+    if access is not None:
+        return opened_by(access, group, name), access
     if group is None:
         if secret not in snapshot.global_keys:  # whether a group exists is no stranger's business
             raise ProxyError(401, "Invalid proxy key.", "authentication_error")
@@ -401,7 +427,48 @@ async def authorize(credential: str, snapshot: Snapshot, name: str) -> GroupView
         raise ProxyError(401, "Invalid proxy key.", "authentication_error")
     if not group.enabled:
         raise ProxyError(403, f"Group {name!r} is disabled.", "permission_error")
+    return group, None
+
+
+def opened_by(access: AccessRule, group: GroupView | None, name: str) -> GroupView:
+    """The group an access key opens, or the refusal: 401 for a key that has expired (a
+    disabled one is not in the snapshot: unknown), 403 for a group it may not use."""
+    if access.expired(time.time()):
+        raise ProxyError(401, "This access key has expired.", "authentication_error")
+    if group is None:
+        raise ProxyError(404, f"No group named {name!r}.", "not_found_error")
+    if not access.allows_group(group.id):
+        raise ProxyError(403, f"This access key may not use group {name!r}.", "permission_error")
+    if not group.enabled:
+        raise ProxyError(403, f"Group {name!r} is disabled.", "permission_error")
     return group
+
+
+async def check_access(call: Call, access: AccessRule) -> None:
+    """The access key's model rule and limits, before the first attempt: 403 for a model
+    it may not use, 429 with `Retry-After` for a limit reached (each logged as the call's
+    final row). A call let through holds a ticket until it ends (`Call.measure`)."""
+    entry = call.entry
+    assert entry is not None  # noqa: S101 - set by authorize()
+    if access.models:
+        model = entry.provider.model_of(call.path, call.json)
+        if model and not access.allows_model(model):
+            refuse(call, ProxyError(403, f"This access key may not use model {model!r}.",
+                                    "permission_error"))  # fmt: skip
+    if access.limited:
+        reserve = reservation(call.json, len(call.body)) if access.counts_tokens else 0
+        taken = await limits.take(access, reserve)
+        if isinstance(taken, Refusal):
+            refuse(call, ProxyError(429, taken.message, "rate_limit_exceeded",
+                                    retry_after=taken.retry_after))  # fmt: skip
+        call.ticket = taken
+
+
+def refuse(call: Call, refusal: ProxyError) -> NoReturn:
+    """Logs a refusal of the whole call as its final row, then raises it."""
+    assert call.entry is not None  # noqa: S101 - set by authorize()
+    Attempt(call, call.unprepared(call.entry), None, "").end(refusal.status, error=refusal.message)
+    raise refusal
 
 
 def prepare(call: Call, group: GroupView) -> Target:
@@ -480,6 +547,7 @@ class Attempt:
             duration_ms=int((time.perf_counter() - call.started) * 1000),
             source_ip=call.client_ip, request_path=call.request_path, upstream=self.url,
             stream=self.target.stream, usage=usage, blameless=blameless,
+            access_key_id=call.access.id if call.access else None,
         )  # fmt: skip
         if group.log_bodies:
             entry.user_agent = call.user_agent
@@ -520,6 +588,8 @@ def choose(call: Call, at: float) -> tuple[Target, KeyEntry] | None:
 async def forward(call: Call) -> ProxyResponse:
     entry = call.entry
     assert entry is not None  # noqa: S101 - set by authorize()
+    if call.access is not None:
+        await check_access(call, call.access)
     failed: ProxyResponse | None = None
     refreshed = False
     for _ in range(entry.attempts):

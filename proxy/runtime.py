@@ -38,6 +38,7 @@ from keys.states import KEYS_CHANNEL, from_other_node, key_states, write_states
 from logs import live
 from proxy import metrics
 from proxy import snapshot as snapshots
+from proxy.limits import limits
 from proxy.recorder import recorder
 from proxy.snapshot import ClientSettings, GroupView, Snapshot
 from settings_app.changes import CONFIG_CHANNEL, changes_since
@@ -185,6 +186,7 @@ class Runtime:
             key_states.redis = aioredis.from_url(
                 settings.REDIS_DSN, socket_connect_timeout=2, socket_timeout=5
             )
+            limits.use_redis(key_states.redis)
             self._tasks.append(loop.create_task(self._listen(key_states.redis)))
 
     async def _watch(self) -> None:
@@ -268,6 +270,8 @@ class Runtime:
             await upstream.session.close()
         if key_states.redis is not None:
             await key_states.drain()
+            await limits.drain()
+            limits.use_redis(None)
             await key_states.redis.aclose()
             key_states.redis = None
         self.upstreams, self.snapshot, self._first = {}, None, None

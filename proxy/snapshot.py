@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 
+from access.models import AccessKey, AccessRule
 from gptload.lib.crypto import DecryptionError, current_cipher
 from gptload.lib.providers import provider_for
 from gptload.lib.providers.base import Provider
@@ -108,6 +109,7 @@ class Snapshot:
     by_id: dict[int, GroupView]
     system: dict[str, Any]
     global_keys: frozenset[bytes]
+    access: dict[bytes, AccessRule] = field(default_factory=dict)  # by the secret's digest
     built_at: float = field(default_factory=time.time)
 
 
@@ -127,7 +129,7 @@ def build(version: int, previous: Snapshot | None = None) -> Snapshot:
         old = previous.by_id.get(group.pk) if previous else None
         views[group.pk] = _view(group, system, KeyPool(pools.get(group.pk, ())), old)
     _add_memberships(views, GroupSubGroup.objects.all())
-    snapshot = _snapshot(version, views, system)
+    snapshot = _snapshot(version, views, system, access_views())
     _overlay_shared(snapshot, views.keys())
     return snapshot
 
@@ -156,14 +158,28 @@ def apply(previous: Snapshot, version: int, changes: set[Change]) -> Snapshot:
         aggregates = [v.id for v in views.values() if v.is_aggregate]
         memberships = GroupSubGroup.objects.filter(group_id__in=aggregates)
         _add_memberships(views, memberships)
-    snapshot = _snapshot(version, views, system)
+    access = previous.access
+    if any(scope == ChangeScope.ACCESS for scope, _ in changes):
+        access = access_views()
+    snapshot = _snapshot(version, views, system, access)
     _overlay_shared(snapshot, touched)
     return snapshot
 
 
-def _snapshot(version: int, views: dict[int, GroupView], system: dict[str, Any]) -> Snapshot:
+def _snapshot(
+    version: int,
+    views: dict[int, GroupView],
+    system: dict[str, Any],
+    access: dict[bytes, AccessRule],
+) -> Snapshot:
     proxy_keys = frozenset(digest(k) for k in str(system["proxy_keys"]).split(",") if k)
-    return Snapshot(version, {v.name: v for v in views.values()}, views, system, proxy_keys)
+    groups = {v.name: v for v in views.values()}
+    return Snapshot(version, groups, views, system, proxy_keys, access)
+
+
+def access_views() -> dict[bytes, AccessRule]:
+    """The enabled access keys, by the digest of their secret (two queries)."""
+    return {rule.digest: rule for rule in AccessKey.objects.rules()}
 
 
 def _keys_of(views: Iterable[GroupView]) -> dict[int, KeyEntry]:

@@ -163,7 +163,7 @@ async def test_in_redis_tokens_are_reserved_and_settled_across_nodes(nodes):
     await nodes[1].settle(first, 100)
     assert isinstance(await nodes[0].take(key, 400, now), Ticket)
     client = nodes[0].redis
-    day = redis_keys(key.id, first.day, first.month)[2]
+    day = redis_keys(nodes[0].prefix, key.id, first.day, first.month)[2]
     assert int(await client.get(day)) == 400 + 400 + 400 - 300
     assert 0 < await client.ttl(day) <= calendar(now)[1] + 3600
 
