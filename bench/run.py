@@ -72,6 +72,8 @@ class Targets:
     reference_plain_ratio: float = 0.40
     reference_stream_ratio: float = 0.60
     reference_added_p50_ms: float = 0.5  # gptload's added p50 minus the reference's
+    # Issue 13: an access key with every limit on costs at most 10% more than a proxy key.
+    access_cost_ratio: float = 0.10
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,7 @@ class Server(Protocol):
 
 @dataclass
 class Endpoint:
-    name: str  # "direct", "reference" or "proxied"
+    name: str  # "direct", "reference", "proxied" or "limited" (an access key, limits on)
     url: str
     key: str
     plain_body: Path
@@ -453,6 +455,7 @@ class World:
     upstream_url: str
     gateway: Gateway
     proxy_key: str
+    access_key: str
     upstream_keys: list[str]
     seed: dict[str, Any]
     upstream_pid: int
@@ -491,6 +494,7 @@ def set_up(processes: Processes, pinning: Pinning, keys: int, events: int) -> Wo
     upstream_port, gateway_port = free_port(), free_port()
     auth_key = secrets.token_urlsafe(32)
     proxy_key = "sk-bench-proxy-" + secrets.token_hex(16)
+    access_key = "gl-bench-" + secrets.token_urlsafe(32)
     upstream_keys = [f"{UPSTREAM_KEY_PREFIX}{i:02d}-{secrets.token_hex(12)}" for i in range(keys)]
     env = gateway_env(tmp, gateway_port, auth_key)
     upstream_url = f"http://127.0.0.1:{upstream_port}"
@@ -500,8 +504,19 @@ def set_up(processes: Processes, pinning: Pinning, keys: int, events: int) -> Wo
     run_checked(
         [python, str(ROOT / "manage.py"), "migrate", "--no-input", "-v0"], env, tmp, "migrate"
     )
-    seed_cmd = [python, str(BENCH_DIR / "seed.py"), "--group", GROUP, "--upstream", upstream_url,
-                "--proxy-key", proxy_key] + [arg for key in upstream_keys for arg in ("--key", key)]  # fmt: skip
+    seed_cmd = [
+        python,
+        str(BENCH_DIR / "seed.py"),
+        "--group",
+        GROUP,
+        "--upstream",
+        upstream_url,
+        "--proxy-key",
+        proxy_key,
+        "--access-key",
+        access_key,
+    ]
+    seed_cmd += [arg for key in upstream_keys for arg in ("--key", key)]  # fmt: skip
     seed = json.loads(run_checked(seed_cmd, env, tmp, "seeding the bench group").splitlines()[-1])
 
     log = tmp / "upstream.log"
@@ -519,7 +534,7 @@ def set_up(processes: Processes, pinning: Pinning, keys: int, events: int) -> Wo
     # Same keys, upstream and CPU as the gateway: only the software between them differs.
     reference = start_reference(processes, pinning, tmp, env, upstream_url, proxy_key,
                                 upstream_keys)  # fmt: skip
-    return World(tmp, env, upstream_url, Gateway(proc.pid, gateway_url), proxy_key,
+    return World(tmp, env, upstream_url, Gateway(proc.pid, gateway_url), proxy_key, access_key,
                  upstream_keys, seed, upstream.pid, reference)  # fmt: skip
 
 
@@ -615,6 +630,8 @@ def latency(load: Load, endpoints: list[Endpoint], plan: Plan, stream: bool) -> 
         summary["added_over_reference_" + stat] = (
             summary["added_" + stat] - summary["reference_added_" + stat]
         )
+        if "limited" in summary:  # gptload's added time with an access key, limits on
+            summary["limited_added_" + stat] = summary["limited"][stat] - summary["direct"][stat]
     return summary
 
 
@@ -638,6 +655,8 @@ def throughput(load: Load, endpoints: list[Endpoint], plan: Plan, stream: bool) 
     )
     out["ratio"] = proxied / direct if direct else None
     out["reference_ratio"] = proxied / reference if reference else None
+    if "limited" in out:
+        out["limited_ratio"] = out["limited"]["rps"] / proxied if proxied else None
     return out
 
 
@@ -679,7 +698,9 @@ def measure(world: World, wrk: str, pinning: Pinning, plan: Plan) -> Results:
                          world.proxy_key, plain_body, stream_body, world.reference)  # fmt: skip
     proxied = Endpoint("proxied", f"{world.gateway.url}/proxy/{GROUP}/v1/chat/completions",
                        world.proxy_key, plain_body, stream_body, world.gateway)  # fmt: skip
-    endpoints = [direct, reference, proxied]
+    limited = Endpoint("limited", proxied.url, world.access_key, plain_body, stream_body,
+                       world.gateway)  # fmt: skip
+    endpoints = [direct, reference, proxied, limited]
     meter = CpuMeter([world.gateway.pid, world.upstream_pid, world.reference.pid])
     load = Load(wrk, pinning.load, meter)
     results = Results()
@@ -795,7 +816,37 @@ def build_rows(results: Results, targets: Targets, plan: Plan) -> list[Row]:
         if cpu or ref_cpu:
             rows.append(Row("  CPU per request (ms)", "", f"{ref_cpu or 0:.3f}",
                             f"{cpu or 0:.3f}", "", "", ""))  # fmt: skip
+    rows.extend(access_rows(results, targets))
     rows.extend(rss_rows(results.rss, targets, plan))
+    return rows
+
+
+def access_rows(results: Results, targets: Targets) -> list[Row]:
+    """An access key with every limit on against the proxy key, same gateway, interleaved:
+    the added p50 and the req/s may differ by `access_cost_ratio` at most."""
+    rows: list[Row] = []
+    goal = targets.access_cost_ratio
+    for kind, label in (("plain", "plain"), ("stream", f"stream {EVENTS} ev")):
+        lat, t = results.latency[kind], results.throughput[kind]
+        if "limited" not in lat:
+            continue
+        ok = errors_ok(lat["limited"]["errors"], lat["limited"]["requests"], targets)
+        added, limited = lat["added_p50_ms"], lat["limited_added_p50_ms"]
+        # A tenth of a sub-millisecond figure is within the noise: allow 0.05 ms besides.
+        within = limited <= added * (1 + goal) + 0.05
+        rows.append(Row(
+            f"added p50, {label}: proxy key → access key, limits on (ms)", "", "",
+            f"{added:+.3f} → {limited:+.3f}", f"{limited - added:+.3f}", f"≤ +{goal:.0%}",
+            verdict(ok and within),
+        ))  # fmt: skip
+        ratio = t.get("limited_ratio")
+        ok = errors_ok(t["limited"]["errors"], t["limited"]["requests"], targets)
+        rows.append(Row(
+            f"  req/s, {label}: proxy key → access key, limits on", "", "",
+            f"{t['proxied']['rps']:,.0f} → {t['limited']['rps']:,.0f}",
+            f"{ratio:.1%}" if ratio else "", f"≥ {1 - goal:.0%}",
+            verdict(ok and ratio is not None and ratio >= 1 - goal),
+        ))  # fmt: skip
     return rows
 
 

@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--upstream", required=True, help="base URL of the fake upstream")
     parser.add_argument("--proxy-key", required=True, help="the group's proxy key")
     parser.add_argument("--key", action="append", required=True, help="an upstream key (repeat)")
+    parser.add_argument(
+        "--access-key",
+        help="also an access key with this secret, every limit set (far above the load)",
+    )
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -49,6 +53,16 @@ def main(argv: list[str] | None = None) -> None:
     group.save()
     for secret in args.key:
         APIKey.build(group, secret).save()
+    if args.access_key:
+        from access.models import AccessKey, secret_hash
+        from gptload.lib.secrets import mask
+
+        access = AccessKey(name="bench", key_hash=secret_hash(args.access_key),
+                           key_hint=mask(args.access_key), rpm=10**7, tpm=10**9,
+                           daily_tokens=10**12, monthly_tokens=10**13, max_concurrency=10**5)  # fmt: skip
+        access.full_clean()
+        access.save()
+        access.groups.set([group])
     effective = SystemSetting.objects.effective(group.config)
     print(
         json.dumps(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import math
 import time
@@ -38,6 +39,8 @@ from django.conf import settings
 
 log = logging.getLogger("gptload.proxy")
 WINDOW = 60  # seconds in the per-minute windows
+PROCESS = uuid.uuid4().hex[:12] + ":"  # tickets are this process's, numbered
+NUMBERS = itertools.count()
 INFLIGHT_TTL = 900  # seconds after which a call's slot is freed if nobody settled it (a dead node)
 # When a call states no output bound, this many tokens are reserved for its answer.
 DEFAULT_OUTPUT = 4096
@@ -73,7 +76,7 @@ class Ticket:
     reserved: int  # tokens added to the day and the month
     day: str
     month: str
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=lambda: f"{PROCESS}{next(NUMBERS)}")
     settled: bool = False
 
 
@@ -118,16 +121,43 @@ def reservation(data: dict[str, Any] | None, body_size: int) -> int:
     return math.ceil(body_size / 4) + (output or DEFAULT_OUTPUT)
 
 
+@dataclass(frozen=True)
+class Calendar:
+    """A day and its month in the `TZ` zone, with the times (Unix seconds) they end."""
+
+    zone: str
+    day: str
+    day_starts: float
+    day_ends: float
+    month: str
+    month_ends: float
+
+    @classmethod
+    def of(cls, now: float) -> Calendar:
+        zone = str(settings.TIME_ZONE)
+        moment = datetime.fromtimestamp(now, ZoneInfo(zone))
+        start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+        midnight = (moment + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+        first = (moment.replace(day=28) + timedelta(days=4)).replace(
+            day=1, hour=0, minute=0, second=0, microsecond=0
+        )
+        return cls(zone, moment.strftime("%Y%m%d"), start.timestamp(), midnight.timestamp(),
+                   moment.strftime("%Y%m"), first.timestamp())  # fmt: skip
+
+
+_calendar: Calendar | None = None
+
+
 def calendar(now: float) -> tuple[str, int, str, int]:
-    """The day and month of `now` in the `TZ` zone, and the seconds until each ends."""
-    zone = ZoneInfo(str(settings.TIME_ZONE))
-    moment = datetime.fromtimestamp(now, zone)
-    midnight = (moment + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    first = (moment.replace(day=28) + timedelta(days=4)).replace(
-        day=1, hour=0, minute=0, second=0, microsecond=0
-    )
-    return (moment.strftime("%Y%m%d"), max(1, math.ceil(midnight.timestamp() - now)),
-            moment.strftime("%Y%m"), max(1, math.ceil(first.timestamp() - now)))  # fmt: skip
+    """The day and month of `now` in the `TZ` zone, and the seconds until each ends
+    (worked out once a day: a call pays a comparison)."""
+    global _calendar
+    known = _calendar
+    if (known is None or not known.day_starts <= now < known.day_ends
+            or known.zone != settings.TIME_ZONE):  # fmt: skip
+        known = _calendar = Calendar.of(now)
+    return (known.day, max(1, math.ceil(known.day_ends - now)),
+            known.month, max(1, math.ceil(known.month_ends - now)))  # fmt: skip
 
 
 def wait_for(buckets: dict[int, int], excess: int, now: float) -> int:
@@ -145,22 +175,40 @@ def wait_for(buckets: dict[int, int], excess: int, now: float) -> int:
 
 @dataclass
 class Counters:
-    """One access key's counts in this process."""
+    """One access key's counts in this process, with running totals of the minute (a call
+    adds to them; the buckets that leave the window are taken off once a second)."""
 
     requests: dict[int, int] = field(default_factory=dict)  # second → calls
     tokens: dict[int, int] = field(default_factory=dict)  # second → tokens
-    days: dict[str, int] = field(default_factory=dict)
-    months: dict[str, int] = field(default_factory=dict)
+    calls: int = 0  # the minute's, in all
+    spent: int = 0  # the minute's tokens, in all
+    day: str = ""
+    day_used: int = 0
+    month: str = ""
+    month_used: int = 0
     inflight: dict[str, float] = field(default_factory=dict)  # ticket id → expiry
+    pruned: int = 0  # the second of the last prune
 
     def prune(self, now: float) -> None:
-        oldest = int(now) - WINDOW + 1
-        for buckets in (self.requests, self.tokens):
-            for second in [s for s in buckets if s < oldest]:
-                del buckets[second]
-        for ticket, expiry in list(self.inflight.items()):
-            if expiry <= now:
+        second = int(now)
+        if second == self.pruned:
+            return
+        self.pruned = second
+        oldest = second - WINDOW + 1
+        for second_ in [s for s in self.requests if s < oldest]:
+            self.calls -= self.requests.pop(second_)
+        for second_ in [s for s in self.tokens if s < oldest]:
+            self.spent -= self.tokens.pop(second_)
+        if self.inflight:
+            for ticket in [t for t, expiry in self.inflight.items() if expiry <= now]:
                 del self.inflight[ticket]
+
+    def turn(self, day: str, month: str) -> None:
+        """A new day (or month) starts from nothing."""
+        if day != self.day:
+            self.day, self.day_used = day, 0
+        if month != self.month:
+            self.month, self.month_used = month, 0
 
 
 class LocalLimits:
@@ -170,27 +218,22 @@ class LocalLimits:
         self.keys: dict[int, Counters] = {}
 
     def take(self, access: Limited, reserve: int, now: float) -> Ticket | Refusal:
-        counters = self.keys.setdefault(access.id, Counters())
+        counters = self.keys.get(access.id)
+        if counters is None:
+            counters = self.keys[access.id] = Counters()
         counters.prune(now)
         day, day_left, month, month_left = calendar(now)
-        day_used, month_used = counters.days.get(day, 0), counters.months.get(month, 0)
-        counters.days, counters.months = {day: day_used}, {month: month_used}
+        counters.turn(day, month)
         minute_tokens = min(reserve, access.tpm) if access.tpm else reserve
         refusals = []
-        if access.rpm and (excess := sum(counters.requests.values()) + 1 - access.rpm) > 0:
+        if access.rpm and (excess := counters.calls + 1 - access.rpm) > 0:
             refusals.append(Refusal("rpm", wait_for(counters.requests, excess, now)))
-        if (
-            access.tpm
-            and (excess := sum(counters.tokens.values()) + minute_tokens - access.tpm) > 0
-        ):
+        if access.tpm and (excess := counters.spent + minute_tokens - access.tpm) > 0:
             refusals.append(Refusal("tpm", wait_for(counters.tokens, excess, now)))
-        if (
-            access.daily_tokens
-            and day_used + min(reserve, access.daily_tokens) > access.daily_tokens
-        ):
+        daily, monthly = access.daily_tokens, access.monthly_tokens
+        if daily and counters.day_used + min(reserve, daily) > daily:
             refusals.append(Refusal("daily_tokens", day_left))
-        if (access.monthly_tokens
-                and month_used + min(reserve, access.monthly_tokens) > access.monthly_tokens):  # fmt: skip
+        if monthly and counters.month_used + min(reserve, monthly) > monthly:
             refusals.append(Refusal("monthly_tokens", month_left))
         if access.max_concurrency and len(counters.inflight) >= access.max_concurrency:
             refusals.append(Refusal("max_concurrency", 1))
@@ -199,10 +242,12 @@ class LocalLimits:
         second = int(now)
         ticket = Ticket(access.id, second, minute_tokens, reserve, day, month)
         counters.requests[second] = counters.requests.get(second, 0) + 1
+        counters.calls += 1
         if access.counts_tokens:
             counters.tokens[second] = counters.tokens.get(second, 0) + minute_tokens
-            counters.days[day] += reserve
-            counters.months[month] += reserve
+            counters.spent += minute_tokens
+            counters.day_used += reserve
+            counters.month_used += reserve
         counters.inflight[ticket.id] = now + INFLIGHT_TTL
         return ticket
 
@@ -213,13 +258,15 @@ class LocalLimits:
         counters.inflight.pop(ticket.id, None)
         if used is None:
             return
-        if ticket.second in counters.tokens:
-            counters.tokens[ticket.second] = max(
-                0, counters.tokens[ticket.second] + used - ticket.minute_tokens
-            )
-        for bucket, name in ((counters.days, ticket.day), (counters.months, ticket.month)):
-            if name in bucket:
-                bucket[name] = max(0, bucket[name] + used - ticket.reserved)
+        bucket = counters.tokens.get(ticket.second)
+        if bucket is not None:
+            changed = max(0, bucket + used - ticket.minute_tokens)
+            counters.tokens[ticket.second] = changed
+            counters.spent += changed - bucket
+        if ticket.day == counters.day:
+            counters.day_used = max(0, counters.day_used + used - ticket.reserved)
+        if ticket.month == counters.month:
+            counters.month_used = max(0, counters.month_used + used - ticket.reserved)
 
     def forget(self, keep: set[int]) -> None:
         """Drops the counters of access keys that no longer exist."""
