@@ -127,3 +127,5 @@ def test_two_web_workers_answer_with_the_counts_of_both(serve, store_env):
     assert httpx.get(server.url + "/metrics").status_code == 401
     server.stop()
     assert not folder.exists()  # serve removes its metric files when it stops
+    counted_apart = "each worker counts access key limits" in server.output()
+    assert counted_apart == (not store_env.get("REDIS_DSN"))  # serve says so, without Redis

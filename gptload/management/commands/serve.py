@@ -73,6 +73,12 @@ class Command(BaseCommand):
         # Several workers share their metrics through files (see gptload.metrics); one
         # serves in this process and keeps them in memory.
         metrics_folder = fresh_metrics_folder() if options["workers"] > 1 else None
+        if options["workers"] > 1 and not settings.REDIS_DSN:
+            self.stdout.write(
+                f"note: {options['workers']} web workers and no Redis: each worker counts "
+                "access key limits (and failed sign-ins) on its own, so a client may get up "
+                "to that many times its limits; set REDIS_DSN to count them once."
+            )
         if metrics_folder is not None:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_folder)
         embedded = options["worker"]
