@@ -34,6 +34,7 @@ from django.db import close_old_connections
 
 from gptload.lib.lifespan import Service, register
 from gptload.lib.upstream import OutboundProxy, outbound_proxy, upstream_session
+from keys.caps import caps
 from keys.states import KEYS_CHANNEL, from_other_node, key_states, write_states
 from logs import live
 from proxy import metrics
@@ -185,6 +186,7 @@ class Runtime:
             key_states.redis = aioredis.from_url(
                 settings.REDIS_DSN, socket_connect_timeout=2, socket_timeout=5
             )
+            caps.use(key_states.redis)
             self._tasks.append(loop.create_task(self._listen(key_states.redis)))
 
     async def _watch(self) -> None:
@@ -196,6 +198,7 @@ class Runtime:
                 await self.flush_keys()
                 if key_states.redis is not None:
                     await live.counters.push(key_states.redis)
+                    await caps.renew()
                 await self._refresh()
             except Exception as exc:  # a process edge: keep serving the last snapshot
                 if not failing:  # once per outage, not every second
@@ -268,6 +271,8 @@ class Runtime:
             await upstream.session.close()
         if key_states.redis is not None:
             await key_states.drain()
+            await caps.drain()
+            caps.use(None)
             await key_states.redis.aclose()
             key_states.redis = None
         self.upstreams, self.snapshot, self._first = {}, None, None

@@ -26,6 +26,7 @@ from gptload.lib.crypto import DecryptionError, current_cipher
 from gptload.lib.providers import provider_for
 from gptload.lib.providers.base import Provider
 from gptload.lib.providers.headers import HeaderRules
+from keys.caps import KeyCaps
 from keys.models import APIKey, Group, GroupSubGroup, KeyStatus
 from keys.states import KeyEntry, KeyPool, SharedState, key_states
 from settings_app import registry
@@ -97,6 +98,8 @@ class GroupView:
     timeout: aiohttp.ClientTimeout
     stream_timeout: aiohttp.ClientTimeout
     client: ClientSettings
+    caps: KeyCaps | None = None  # key_rpm, key_rpd, key_max_concurrency; None: no cap
+    key_wait: float = 0.0  # key_wait_seconds
     member_weights: tuple[tuple[int, int], ...] = ()
     members: WeightedPicker = field(default_factory=lambda: WeightedPicker([]))
 
@@ -232,6 +235,7 @@ def _view(group: Group, system: dict[str, Any], pool: KeyPool, old: GroupView | 
         client=ClientSettings(str(settings["proxy_url"]), int(settings["max_idle_conns"]),
                               int(settings["max_idle_conns_per_host"]),
                               int(settings["idle_conn_timeout"])),
+        caps=KeyCaps.of(settings), key_wait=float(settings["key_wait_seconds"]),
     )  # fmt: skip
 
 
