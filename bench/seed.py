@@ -19,6 +19,9 @@ REPORTED_SETTINGS = (
     "request_log_write_interval_minutes",
     "request_timeout",
     "connect_timeout",
+    "key_rpm",
+    "key_rpd",
+    "key_max_concurrency",
 )
 
 
@@ -28,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--upstream", required=True, help="base URL of the fake upstream")
     parser.add_argument("--proxy-key", required=True, help="the group's proxy key")
     parser.add_argument("--key", action="append", required=True, help="an upstream key (repeat)")
+    parser.add_argument("--config", default="{}", help="the group's setting overrides (JSON)")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -44,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         upstreams=[{"url": args.upstream, "weight": 1}],
         test_model="gpt-4o-mini",
         proxy_keys=args.proxy_key,
+        config=json.loads(args.config),
     )
     group.full_clean()
     group.save()
