@@ -257,17 +257,17 @@ SETTINGS: tuple[Setting, ...] = (
             gettext_noop("Time allowed for one key validation call."),
             KEYS, minimum=1, group_overridable=True),
     Setting("key_rpm", int, 0, gettext_noop("Requests per minute per key"),
-            gettext_noop("Most calls one upstream key is sent in any minute, counted across "
-                         "nodes; a key at its cap leaves the rotation until the minute frees "
-                         "room. 0: no cap."),
+            gettext_noop("Most calls one upstream key is sent in any minute (across nodes, "
+                         "with Redis); a key at its cap leaves the rotation until the minute "
+                         "frees room. 0: no cap."),
             LIMITS, minimum=0, group_overridable=True),
     Setting("key_rpd", int, 0, gettext_noop("Requests per day per key"),
-            gettext_noop("Most calls one upstream key is sent in any 24 hours, counted across "
-                         "nodes. 0: no cap."),
+            gettext_noop("Most calls one upstream key is sent in any 24 hours (across nodes, "
+                         "with Redis). 0: no cap."),
             LIMITS, minimum=0, group_overridable=True),
     Setting("key_max_concurrency", int, 0, gettext_noop("Concurrent calls per key"),
             gettext_noop("Most calls in flight on one upstream key at once (a stream until its "
-                         "end), counted across nodes. 0: no cap."),
+                         "end; across nodes, with Redis). 0: no cap."),
             LIMITS, minimum=0, group_overridable=True),
     Setting("key_wait_seconds", int, 0, gettext_noop("Wait for a key (s)"),
             gettext_noop("When every key is cooling or at its cap, how long a call may wait for "
