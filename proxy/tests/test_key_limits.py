@@ -89,8 +89,10 @@ def test_a_key_announcing_no_request_left_is_skipped_before_the_providers_429(
 
 @pytest.mark.parametrize(
     "quota",
-    [Quota(requests=2, window=5, style="anthropic"),
-     Quota(tokens=2 * TOTAL_TOKENS, window=5, style="anthropic")],  # fmt: skip
+    [
+        Quota(requests=2, window=5, style="anthropic"),
+        Quota(tokens=2 * TOTAL_TOKENS, window=5, style="anthropic"),
+    ],
     ids=["requests", "tokens"],
 )
 def test_anthropics_announced_limits_move_calls_to_another_key(
