@@ -256,6 +256,7 @@ class KeyCapCounter:
         self.leases: dict[str, tuple[str, float]] = {}  # slot → its set, last renewed
         self._serial = itertools.count(1)
         self._redis_failed_at: float | None = None
+        self._renew_failing = False
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def use(self, redis: Any) -> None:
@@ -330,7 +331,14 @@ class KeyCapCounter:
         due = [(slot, key) for slot, (key, at) in self.leases.items() if now - at >= RENEW_EVERY]
         if not due:
             return
-        await self._renew([k for _, k in due], [int(LEASE * 1000), *(s for s, _ in due)])
+        try:
+            await self._renew([k for _, k in due], [int(LEASE * 1000), *(s for s, _ in due)])
+        except Exception as exc:  # tried again each second; a lease lasts LEASE
+            if not self._renew_failing:
+                log.warning("concurrency leases not renewed in Redis (%s); retrying", exc)
+            self._renew_failing = True
+            return
+        self._renew_failing = False
         for slot, key in due:
             if slot in self.leases:
                 self.leases[slot] = (key, now)

@@ -208,8 +208,11 @@ def _entries(rows: Any, old_keys: dict[int, KeyEntry]) -> Iterable[KeyEntry]:
 
 def _view(group: Group, system: dict[str, Any], pool: KeyPool, old: GroupView | None) -> GroupView:
     settings = registry.effective(group.config, system)
+    caps = KeyCaps.of(settings)
     if old is not None:
         pool.backoff_until = max(pool.backoff_until, old.pool.backoff_until)
+        if old.caps != caps:
+            _end_holds(pool)
     upstreams = [
         (str(u["url"]).rstrip("/"), int(u.get("weight", 1))) for u in group.upstreams or []
     ]
@@ -235,8 +238,17 @@ def _view(group: Group, system: dict[str, Any], pool: KeyPool, old: GroupView | 
         client=ClientSettings(str(settings["proxy_url"]), int(settings["max_idle_conns"]),
                               int(settings["max_idle_conns_per_host"]),
                               int(settings["idle_conn_timeout"])),
-        caps=KeyCaps.of(settings), key_wait=float(settings["key_wait_seconds"]),
+        caps=caps, key_wait=float(settings["key_wait_seconds"]),
     )  # fmt: skip
+
+
+def _end_holds(pool: KeyPool) -> None:
+    """The group's caps changed: keys held for the old ones come back now (the new ones
+    hold them again at their next pick if they must)."""
+    now = time.time()
+    for key in pool.keys.values():
+        if key.held_until > now:
+            pool.unhold(key, now)
 
 
 def _add_memberships(views: dict[int, GroupView], memberships: Iterable[GroupSubGroup]) -> None:

@@ -210,3 +210,13 @@ def test_a_client_leaving_while_it_waits_for_a_key_is_logged_499(gateway, provid
     assert len(provider.requests) == 1  # the one that left never reached the provider
     assert post(gateway).status_code == 200
     assert wait_until(lambda: inflight_slots() == 0)
+
+
+def test_a_cap_lifted_by_the_operator_frees_its_keys_at_once(gateway, provider, make_group):
+    group = make_group(keys=("k1",), config={"key_rpm": 1})
+    assert post(gateway).status_code == 200
+    assert post(gateway).status_code == 503  # held for the rest of the minute
+    group.config = {}
+    group.save()  # in force before save() returns (read-your-writes)
+    assert post(gateway).status_code == 200
+    assert provider.keys_used() == ["k1", "k1"]
