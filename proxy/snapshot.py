@@ -141,7 +141,8 @@ def apply(previous: Snapshot, version: int, changes: set[Change]) -> Snapshot:
         return build(version, previous)
     views = dict(previous.by_id)
     system = previous.system
-    if any(scope == ChangeScope.SETTINGS for scope, _ in changes):
+    relink = any(scope == ChangeScope.SETTINGS for scope, _ in changes)
+    if relink:
         system = registry.effective(None, SystemSetting.objects.typed_values())
         for group in Group.objects.all():
             old = views.get(group.pk)
@@ -155,7 +156,7 @@ def apply(previous: Snapshot, version: int, changes: set[Change]) -> Snapshot:
             continue  # deleted
         pool = _load_pool(group_id, old.pool.keys if old is not None else {})
         views[group_id] = _view(row, system, pool, old)
-    if touched:
+    if touched or relink:  # every view rebuilt above must be linked to its members again
         aggregates = [v.id for v in views.values() if v.is_aggregate]
         memberships = GroupSubGroup.objects.filter(group_id__in=aggregates)
         _add_memberships(views, memberships)
@@ -212,7 +213,7 @@ def _view(group: Group, system: dict[str, Any], pool: KeyPool, old: GroupView | 
     if old is not None:
         pool.backoff_until = max(pool.backoff_until, old.pool.backoff_until)
         if old.caps != caps:
-            _end_holds(pool)
+            pool = _without_holds(pool)
     upstreams = [
         (str(u["url"]).rstrip("/"), int(u.get("weight", 1))) for u in group.upstreams or []
     ]
@@ -242,13 +243,15 @@ def _view(group: Group, system: dict[str, Any], pool: KeyPool, old: GroupView | 
     )  # fmt: skip
 
 
-def _end_holds(pool: KeyPool) -> None:
-    """The group's caps changed: keys held for the old ones come back now (the new ones
-    hold them again at their next pick if they must)."""
-    now = time.time()
+def _without_holds(pool: KeyPool) -> KeyPool:
+    """The group's caps changed: the keys held for the old ones come back now (the new
+    caps hold them again at their next pick if they must). A new pool, since the event
+    loop may be picking from the live one."""
     for key in pool.keys.values():
-        if key.held_until > now:
-            pool.unhold(key, now)
+        key.held_until = 0.0
+    fresh = KeyPool(pool.keys.values())
+    fresh.backoff_until = pool.backoff_until
+    return fresh
 
 
 def _add_memberships(views: dict[int, GroupView], memberships: Iterable[GroupSubGroup]) -> None:
