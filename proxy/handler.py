@@ -283,8 +283,9 @@ class ProxyHandler:
         """Cancels the requests whose client has not sent its body within
         SERVER_READ_TIMEOUT, or not taken a write for SERVER_WRITE_TIMEOUT."""
         loop = asyncio.get_running_loop()
-        read_limit, write_limit = settings.SERVER_READ_TIMEOUT, settings.SERVER_WRITE_TIMEOUT
         while self._exchanges:
+            # Read each round: a watchdog outlives the requests it was started for.
+            read_limit, write_limit = settings.SERVER_READ_TIMEOUT, settings.SERVER_WRITE_TIMEOUT
             await asyncio.sleep(min(1.0, read_limit / 2, write_limit / 2))
             now = loop.time()
             for exchange in list(self._exchanges):
