@@ -488,7 +488,9 @@ def run_checked(command: list[str], env: dict[str, str], cwd: Path, what: str) -
     return out.stdout
 
 
-def set_up(processes: Processes, pinning: Pinning, keys: int, events: int) -> World:
+def set_up(
+    processes: Processes, pinning: Pinning, keys: int, events: int, config: str = ""
+) -> World:
     tmp = Path(tempfile.mkdtemp(prefix="gptload-bench-"))
     python = sys.executable
     upstream_port, gateway_port = free_port(), free_port()
@@ -517,6 +519,8 @@ def set_up(processes: Processes, pinning: Pinning, keys: int, events: int) -> Wo
         access_key,
     ]
     seed_cmd += [arg for key in upstream_keys for arg in ("--key", key)]  # fmt: skip
+    if config:
+        seed_cmd += ["--config", config]
     seed = json.loads(run_checked(seed_cmd, env, tmp, "seeding the bench group").splitlines()[-1])
 
     log = tmp / "upstream.log"
@@ -992,6 +996,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=20,
         help="upstream keys in the bench group (default %(default)s)",
     )
+    parser.add_argument(
+        "--group-config",
+        default="",
+        help="the bench group's setting overrides as JSON, e.g. '{\"key_rpm\": 1000000}'",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument(
         "--json",
@@ -1023,7 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"note: other processes are using {busy:.2f} cores right now; results will suffer")
     try:
         with sigterm_as_interrupt():
-            world = set_up(processes, pinning, args.keys, EVENTS)
+            world = set_up(processes, pinning, args.keys, EVENTS, args.group_config)
             say(f"upstream {world.upstream_url} (pid {world.upstream_pid}); gateway "
                 f"{world.gateway.url} (pid {world.gateway.pid}, worker {world.gateway.worker_pids()}); "
                 f"reference {world.reference.url} (pid {world.reference.pid})")  # fmt: skip

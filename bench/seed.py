@@ -19,6 +19,9 @@ REPORTED_SETTINGS = (
     "request_log_write_interval_minutes",
     "request_timeout",
     "connect_timeout",
+    "key_rpm",
+    "key_rpd",
+    "key_max_concurrency",
 )
 
 
@@ -32,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         "--access-key",
         help="also an access key with this secret, every limit set (far above the load)",
     )
+    parser.add_argument("--config", default="{}", help="the group's setting overrides (JSON)")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -48,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         upstreams=[{"url": args.upstream, "weight": 1}],
         test_model="gpt-4o-mini",
         proxy_keys=args.proxy_key,
+        config=json.loads(args.config),
     )
     group.full_clean()
     group.save()

@@ -1,7 +1,7 @@
 """The upstream keys' state machine: what an attempt's outcome does to its key.
 
 ```
- active ──429──▶ cooling(until) ──time──▶ active
+ active ──429, or nothing left announced──▶ cooling(until) ──time──▶ active
    │ ──401/403 or "invalid key"──▶ invalid ──validation ok──▶ active
    │ ──5xx / 408 / network: consecutive count ≥ blacklist_threshold──▶ invalid
    └──operator──▶ disabled (never chosen, never restored by itself)
@@ -10,9 +10,11 @@
 Everything about it lives here, for the proxy and the key checker alike:
 
 - `classify()`: what an upstream answer says about the key that carried it;
+  `cooldown_of()` how long a 429 rests it; `announced_rest()` whether the provider's
+  rate-limit headers say it has (nearly) nothing left, and until when;
 - `KeyEntry` and `KeyPool`: a group's keys in memory, with an O(1) pick (a ring of the
-  usable keys; a cooling key waits in a heap, out of the ring, until its time) and the
-  pool-wide 429 throttle;
+  usable keys; a cooling or held key waits in a heap, out of the ring, until its time),
+  the pool-wide 429 throttle, and the calls waiting for a key to come back;
 - `KeyStates`: the transitions of in-memory keys, written behind to the database in
   one batch a second and shared with other nodes through Redis (a hash of the states
   that differ from plain active, and a pub/sub channel), so that a key benched on one
@@ -57,6 +59,25 @@ KEY_STATES = "gptload:key-states"
 NODE = uuid.uuid4().hex
 DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 DURATION_SCALE = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+# Announced limits: below these a key rests until the announced reset (not a failure).
+TOKENS_SHARE = 0.01  # of the announced token limit
+TOKENS_FLOOR = 1000  # tokens, when no limit is announced
+ANNOUNCED_REST = 1.0  # seconds, when nothing left is announced without a reset
+LONGEST_REST = 86400.0  # an announced reset further away is not believed beyond a day
+OPENAI_LIMITS = tuple(
+    (
+        kind,
+        f"x-ratelimit-remaining-{kind}",
+        f"x-ratelimit-limit-{kind}",
+        f"x-ratelimit-reset-{kind}",
+    )
+    for kind in ("requests", "tokens")
+)
+ANTHROPIC_LIMITS = tuple(
+    (kind, f"anthropic-ratelimit-{kind}-remaining", f"anthropic-ratelimit-{kind}-limit",
+     f"anthropic-ratelimit-{kind}-reset")
+    for kind in ("requests", "tokens", "input-tokens", "output-tokens")
+)  # fmt: skip
 # What a key is stored as when it is trusted again (validation passed, operator restore).
 ACTIVE_AGAIN: dict[str, Any] = {"status": KeyStatus.ACTIVE, "cooling_until": None,
                                 "consecutive_failures": 0, "last_error": ""}  # fmt: skip
@@ -100,18 +121,91 @@ def cooldown_of(headers: Mapping[str, str]) -> float:
     return DEFAULT_COOLDOWN
 
 
-def parse_duration(text: str) -> float | None:
-    """`20`, `1.5s`, `6m0s`, `250ms` → seconds (at least 1)."""
+def parse_duration(text: str, floor: float = 1.0) -> float | None:
+    """`20`, `1.5s`, `6m0s`, `1h2m3.5s`, `250ms` → seconds (at least `floor`)."""
     if not text:
         return None
     try:
-        return max(1.0, float(text))
+        return max(floor, float(text))
     except ValueError:
         pass
     parts = DURATION_PART.findall(text)
     if not parts:
         return None
-    return max(1.0, sum(float(n) * DURATION_SCALE[u] for n, u in parts))
+    return max(floor, sum(float(n) * DURATION_SCALE[u] for n, u in parts))
+
+
+def announced_rest(
+    headers: Mapping[str, str], now: float | None = None
+) -> tuple[float, str] | None:
+    """When the provider's rate-limit headers say a key has (nearly) nothing left: until
+    when it should rest (wall clock) and why; None otherwise (most answers, and every
+    answer without such headers, which costs a few lookups).
+
+    Nearly nothing: no request left, or fewer tokens than 1% of the announced limit
+    (`TOKENS_FLOOR` when no limit is announced). OpenAI's `x-ratelimit-*` announce resets
+    as durations (`1s`, `6m0s`, `20ms`), Anthropic's `anthropic-ratelimit-*` as RFC 3339
+    times; the latest reset of the limits that ran out is the one that counts.
+    """
+    if "x-ratelimit-remaining-requests" in headers or "x-ratelimit-remaining-tokens" in headers:
+        return _exhausted(headers, OPENAI_LIMITS, now or time.time(), relative=True)
+    if (
+        "anthropic-ratelimit-requests-remaining" in headers
+        or "anthropic-ratelimit-tokens-remaining" in headers
+        or "anthropic-ratelimit-input-tokens-remaining" in headers
+        or "anthropic-ratelimit-output-tokens-remaining" in headers
+    ):
+        return _exhausted(headers, ANTHROPIC_LIMITS, now or time.time(), relative=False)
+    return None
+
+
+def _exhausted(
+    headers: Mapping[str, str], limits: tuple[tuple[str, str, str, str], ...], now: float,
+    *, relative: bool,
+) -> tuple[float, str] | None:  # fmt: skip
+    latest: tuple[float, str] | None = None
+    for kind, remaining_name, limit_name, reset_name in limits:
+        remaining, limit = _count(headers.get(remaining_name)), _count(headers.get(limit_name))
+        if remaining is None:
+            continue
+        if kind == "requests":
+            low = remaining <= 0
+        else:
+            low = remaining < (limit * TOKENS_SHARE if limit else TOKENS_FLOOR)
+        if not low:
+            continue
+        until = _reset_at(headers.get(reset_name) or "", now, relative)
+        if latest is None or until > latest[0]:
+            left = f"{remaining} of {limit}" if limit and kind != "requests" else str(remaining)
+            at = time.strftime("%H:%M:%S UTC", time.gmtime(until))
+            latest = until, f"rate limit announced: {left} {kind.replace('-', ' ')} left until {at}"
+    return latest
+
+
+def _count(text: str | None) -> int | None:
+    if not text:
+        return None
+    try:
+        return int(float(text))
+    except ValueError:
+        return None
+
+
+def _reset_at(text: str, now: float, relative: bool) -> float:
+    """The wall-clock time a limit resets, from its header (ANNOUNCED_REST when unreadable)."""
+    seconds: float | None = None
+    if relative:
+        seconds = parse_duration(text, floor=0.0)
+    elif text:
+        try:
+            at = datetime.fromisoformat(text)
+        except ValueError:
+            pass
+        else:
+            seconds = (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp() - now
+    if seconds is None:
+        seconds = ANNOUNCED_REST
+    return now + min(max(seconds, 0.0), LONGEST_REST)
 
 
 # In memory --------------------------------------------------------------------------------
@@ -128,23 +222,36 @@ class KeyEntry:
     cooling_until: float = 0.0  # wall-clock seconds
     consecutive_failures: int = 0
     changed_at: float = 0.0  # when its state last changed (wall clock), here or elsewhere
+    # Out of this node's rotation until then (wall clock), whatever its state: a per-key
+    # cap reached. Never stored nor shared: each node learns it from the shared counts.
+    held_until: float = 0.0
 
     def adopt(self, status: str, until: float, failures: int, at: float) -> None:
         self.status, self.cooling_until, self.consecutive_failures = status, until, failures
         self.changed_at = at
 
     def usable(self, now: float) -> bool:
+        if self.held_until > now:
+            return False
         if self.status == KeyStatus.ACTIVE:
             return True
         return self.status == KeyStatus.COOLING and self.cooling_until <= now
+
+    def back_at(self) -> float:
+        """When a cooling or held key may be chosen again (wall clock)."""
+        if self.status == KeyStatus.COOLING:
+            return max(self.cooling_until, self.held_until)
+        return self.held_until
 
 
 class KeyPool:
     """A group's keys: round robin over the usable ones in O(1) per pick.
 
     The ring holds exactly the usable keys; taking one out swaps the last into its slot.
-    A cooling key waits in a heap ordered by its end, and goes back into the ring when a
-    pick finds its time has come. The pool also carries the group's 429 back-off.
+    A cooling or held key waits in a heap ordered by the time it comes back, and goes
+    back into the ring when a pick finds its time has come. The pool also carries the
+    group's 429 back-off, and the calls waiting for a key (`wait_for_key`), woken when one
+    enters the ring.
     """
 
     def __init__(self, keys: Iterable[KeyEntry] = ()) -> None:
@@ -155,6 +262,7 @@ class KeyPool:
         self.turn = 0
         self.backoff_until = 0.0  # the whole pool is rate limited until then
         self.recent_429: list[tuple[float, KeyEntry]] = []
+        self.waiters: set[asyncio.Future[None]] = set()
         now = time.time()
         for key in keys:
             self.keys[key.id] = key
@@ -164,15 +272,30 @@ class KeyPool:
         return len(self.keys)
 
     def place(self, key: KeyEntry, now: float) -> None:
-        """Puts `key` where its state says: the ring, the cooling heap, or neither."""
+        """Puts `key` where its state says: the ring, the heap of keys coming back, or
+        neither (invalid, disabled)."""
         if key.usable(now):
             if key.id not in self.slot and key.id in self.keys:
                 self.slot[key.id] = len(self.ring)
                 self.ring.append(key)
+                if self.waiters:
+                    self._wake_waiters()
             return
         self._leave(key)
-        if key.status == KeyStatus.COOLING:
-            heapq.heappush(self.cooling, (key.cooling_until, key.id, key))
+        if key.status in (KeyStatus.ACTIVE, KeyStatus.COOLING):
+            heapq.heappush(self.cooling, (key.back_at(), key.id, key))
+
+    def hold(self, key: KeyEntry, until: float, now: float) -> None:
+        """Takes `key` out of this node's rotation until `until` (a cap reached)."""
+        if until > key.held_until:
+            key.held_until = until
+            self.place(key, now)
+
+    def unhold(self, key: KeyEntry, now: float) -> None:
+        """Ends a hold early (a concurrency slot came free)."""
+        if key.held_until > now:
+            key.held_until = 0.0
+            self.place(key, now)
 
     def _leave(self, key: KeyEntry) -> None:
         index = self.slot.pop(key.id, None)
@@ -186,7 +309,7 @@ class KeyPool:
     def _wake(self, now: float) -> None:
         while self.cooling and self.cooling[0][0] <= now:
             _, _, key = heapq.heappop(self.cooling)
-            if key.status == KeyStatus.COOLING and key.cooling_until <= now:
+            if key.usable(now):
                 self.place(key, now)
 
     def pick(self, now: float, exclude: set[int] | frozenset[int] = frozenset()) -> KeyEntry | None:
@@ -214,13 +337,47 @@ class KeyPool:
         return bool(self.ring)
 
     def next_ready_in(self, now: float) -> float | None:
-        """Seconds until the first cooling key is usable again, or None if none cools."""
+        """Seconds until the first cooling or held key is usable again, or None if none
+        will come back by itself."""
         while self.cooling:
             until, _, key = self.cooling[0]
-            if key.status == KeyStatus.COOLING and key.cooling_until == until:
+            if (
+                key.id not in self.slot
+                and key.status in (KeyStatus.ACTIVE, KeyStatus.COOLING)
+                and key.back_at() == until
+            ):
                 return max(0.0, until - now)
             heapq.heappop(self.cooling)  # an entry its key has moved on from
         return None
+
+    def _wake_waiters(self) -> None:
+        # A pool may be rebuilt in a worker thread (a snapshot catch-up): hand each
+        # waiter to its own loop.
+        for waiter in list(self.waiters):
+            if not waiter.done():
+                waiter.get_loop().call_soon_threadsafe(_settle, waiter)
+
+
+async def wait_for_key(pools: Iterable[KeyPool], seconds: float) -> None:
+    """Returns after `seconds`, or sooner when a key enters one of `pools`' rings (a
+    concurrency slot came free, another node restored a key); cancelled with its caller."""
+    loop = asyncio.get_running_loop()
+    woken: asyncio.Future[None] = loop.create_future()
+    timer = loop.call_later(seconds, _settle, woken)
+    pools = list(pools)
+    for pool in pools:
+        pool.waiters.add(woken)
+    try:
+        await woken
+    finally:
+        timer.cancel()
+        for pool in pools:
+            pool.waiters.discard(woken)
+
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 # Transitions --------------------------------------------------------------------------------
@@ -270,8 +427,26 @@ class KeyStates:
 
     def succeeded(self, key: KeyEntry) -> None:
         if key.consecutive_failures or key.status != KeyStatus.ACTIVE:
+            if key.status == KeyStatus.COOLING and key.cooling_until > time.time():
+                # Rested while this call was in flight (its own answer announced nothing
+                # left, or another call met a 429): the rest stands.
+                if key.consecutive_failures:
+                    key.consecutive_failures = 0
+                    self._changed(key)
+                return
             key.consecutive_failures, key.status, key.cooling_until = 0, KeyStatus.ACTIVE, 0.0
             self._changed(key)
+
+    def rest(self, pool: KeyPool, key: KeyEntry, until: float, reason: str) -> None:
+        """The provider announced that `key` has (nearly) nothing left until `until`: it
+        cools until then, as after a 429, but no failure is counted."""
+        if key.status not in (KeyStatus.ACTIVE, KeyStatus.COOLING):
+            return
+        if key.status == KeyStatus.COOLING and key.cooling_until >= until:
+            return
+        key.status, key.cooling_until = KeyStatus.COOLING, until
+        pool.place(key, time.time())
+        self._changed(key, reason)
 
     def failed(
         self,

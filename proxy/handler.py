@@ -45,7 +45,7 @@ from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
 from gptload.lib.providers.headers import ANSWER_SECURITY
-from proxy.pipeline import Admission, ProxyError, ProxyResponse, admit
+from proxy.pipeline import Opened, ProxyError, ProxyResponse, admit
 
 log = logging.getLogger("gptload.proxy")
 TIMEOUT_BODY = b'{"error":{"message":"Request body not received in time.","type":"timeout"}}'
@@ -68,7 +68,7 @@ class Disconnected(Exception):
 class ProxyRequest(ASGIRequest):
     """An `ASGIRequest` made from the scope and the body, with `META` built on first use."""
 
-    admitted: Admission | None = None  # the group the headers' key opens, and its access key
+    admitted: Opened | None = None  # the group the headers' key opens, and its access key
     refusal: ProxyError | None = None  # refused before the body was read
 
     def __init__(self, scope: dict[str, Any], body: bytes, group: str, path: str) -> None:
@@ -130,7 +130,7 @@ class ProxyHandler:
         if len(route) < 4 or not route[2]:
             await send_plain(send, 404, NOT_FOUND_BODY)
             return
-        admitted: Admission | None = None
+        admitted: Opened | None = None
         refusal: ProxyError | None = None
         if scope["method"] != "OPTIONS" or not settings.ENABLE_CORS:  # preflights: no key
             try:
@@ -282,8 +282,9 @@ class ProxyHandler:
         """Cancels the requests whose client has not sent its body within
         SERVER_READ_TIMEOUT, or not taken a write for SERVER_WRITE_TIMEOUT."""
         loop = asyncio.get_running_loop()
-        read_limit, write_limit = settings.SERVER_READ_TIMEOUT, settings.SERVER_WRITE_TIMEOUT
         while self._exchanges:
+            # Read each round: a watchdog outlives the requests it was started for.
+            read_limit, write_limit = settings.SERVER_READ_TIMEOUT, settings.SERVER_WRITE_TIMEOUT
             await asyncio.sleep(min(1.0, read_limit / 2, write_limit / 2))
             now = loop.time()
             for exchange in list(self._exchanges):

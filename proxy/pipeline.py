@@ -9,6 +9,7 @@ read for token usage), so the client gets exactly the body its headers describe.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -36,7 +37,17 @@ from gptload.lib.providers.headers import (
 )
 from gptload.lib.providers.openai import OpenAIProvider
 from gptload.lib.secrets import mask_in
-from keys.states import DEFAULT_COOLDOWN, KeyEntry, Verdict, classify, cooldown_of, key_states
+from keys.caps import RECHECK, Admission, caps
+from keys.states import (
+    DEFAULT_COOLDOWN,
+    KeyEntry,
+    Verdict,
+    announced_rest,
+    classify,
+    cooldown_of,
+    key_states,
+    wait_for_key,
+)
 from logs.writer import LogEntry
 from proxy import metrics, modellist
 from proxy.limits import Refusal, Ticket, limits, reservation
@@ -57,6 +68,7 @@ SKIPPED_RAW = CLIENT_CREDENTIALS_RAW | frozenset(name.encode() for name in HOP_B
 STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 STREAM_HEADER_NAMES = frozenset(name for name, _ in STREAM_HEADERS)
 PATH_SAFE = "/:@!$&'()*+,;=~"
+WAKE_MARGIN = 0.002  # seconds past a key's return, so that the wait ends after it
 
 
 class ProxyError(Exception):
@@ -186,6 +198,8 @@ class Call:
     members_tried: set[int] = field(default_factory=set)
     targets: dict[int, Target] = field(default_factory=dict)
     held: LogEntry | None = None  # a failed attempt's row, until we know if it was the last
+    refreshed: bool = False  # the snapshot was checked for new keys once
+    key_waited: float = 0.0  # seconds spent waiting for a key to come back
 
     @property
     def request_path(self) -> str:
@@ -342,7 +356,7 @@ async def proxy(request: HttpRequest, group_name: str, path: str) -> HttpRespons
     relaying = False
     try:
         call = start_call(request, path, started)
-        admitted: Admission | None = getattr(request, "admitted", None)  # by the handler
+        admitted: Opened | None = getattr(request, "admitted", None)  # by the handler
         call.entry, call.access = admitted or await authorize(call.credential, snapshot, group_name)
         response = await forward(call)
     except ProxyError as error:
@@ -387,10 +401,11 @@ def credential_of(scope: dict[str, Any]) -> str:
     return bearer or credential
 
 
-Admission = tuple[GroupView, AccessRule | None]
+# The group a call may use, and the access key it came with (None: a proxy key).
+Opened = tuple[GroupView, AccessRule | None]
 
 
-async def admit(scope: dict[str, Any], name: str) -> Admission:
+async def admit(scope: dict[str, Any], name: str) -> Opened:
     """The group a request may use (and its access key, if it came with one), judged from
     its request line and headers before its body is read (a stranger's body is never
     buffered); raises the refusal."""
@@ -398,7 +413,7 @@ async def admit(scope: dict[str, Any], name: str) -> Admission:
     return await authorize(credential_of(scope), snapshot, name)
 
 
-async def authorize(credential: str, snapshot: Snapshot, name: str) -> Admission:
+async def authorize(credential: str, snapshot: Snapshot, name: str) -> Opened:
     """The group named in the URL, if the call's key opens it: a proxy key (the group's or
     a global one) or an access key. A miss (no such group, a key not known) looks at the
     configuration version once: it may have just changed."""
@@ -511,6 +526,19 @@ class Attempt:
     def __init__(self, call: Call, target: Target, key: KeyEntry | None, url: str) -> None:
         self.call, self.target, self.key, self.url = call, target, key, url
         self.failure: ProxyResponse | None = None  # the answer if no other attempt follows
+        self.admission: Admission | None = None  # counted against the key's caps
+
+    def release(self) -> None:
+        """Gives back the key's concurrency slot, if the attempt took one (once); the key
+        comes back into rotation if it was held only for want of a slot."""
+        admission, key = self.admission, self.key
+        if admission is None or key is None or admission.released:
+            return
+        caps.release(key.id, admission)
+        if admission.slot:
+            now = time.time()
+            if key.held_until <= now + RECHECK:  # not held for a full minute or day
+                self.target.group.pool.unhold(key, now)
 
     def end(
         self,
@@ -527,6 +555,7 @@ class Attempt:
         """Applies `verdict` to the key (None: it says nothing about the key), then logs
         the attempt; a `failover` row waits for `Call.settle` (retry or final).
         `unanswered`: the upstream gave no status of its own (a network error)."""
+        self.release()
         group, key = self.target.group, self.key
         if key is not None and verdict is not None:
             if verdict is Verdict.OK:
@@ -591,23 +620,21 @@ async def forward(call: Call) -> ProxyResponse:
     if call.access is not None:
         await check_access(call, call.access)
     failed: ProxyResponse | None = None
-    refreshed = False
     for _ in range(entry.attempts):
-        chosen = choose(call, time.time())
-        if chosen is None and failed is None and not refreshed:
-            # Nothing usable: keys may have been added a moment ago, on another node.
-            refreshed = True
-            snapshot = await runtime.refresh()
-            call.entry = entry = snapshot.groups.get(entry.name, entry)
-            chosen = choose(call, time.time())
+        chosen = await next_key(call, failed is not None)
         if chosen is None:
             break
         call.settle(final=False)
-        target, key = chosen
+        target, key, admission = chosen
         call.tried.add(key.id)
         base = target.group.upstreams.pick()
         attempt = Attempt(call, target, key, base + target.path)
-        answer = await try_once(attempt, base)
+        attempt.admission = admission
+        try:
+            answer = await try_once(attempt, base)
+        except BaseException:
+            attempt.release()  # however the attempt ended, its slot is given back
+            raise
         if answer is not None:
             return answer
         failed = attempt.failure
@@ -615,6 +642,98 @@ async def forward(call: Call) -> ProxyResponse:
     if failed is not None:
         return failed
     raise no_key_error(call)
+
+
+async def next_key(call: Call, failed: bool) -> tuple[Target, KeyEntry, Admission | None] | None:
+    """The next key to try; when none is usable, after checking the configuration once
+    and waiting (`key_wait_seconds`) for the first key to come back, if it is that soon."""
+    chosen = await admitted_key(call)
+    if chosen is None and not failed and not call.refreshed:
+        # Nothing usable: keys may have been added a moment ago, on another node.
+        call.refreshed = True
+        snapshot = await runtime.refresh()
+        entry = call.entry
+        assert entry is not None  # noqa: S101
+        call.entry = snapshot.groups.get(entry.name, entry)
+        chosen = await admitted_key(call)
+    while chosen is None and (pause := key_wait(call)) is not None:
+        await wait_for_return(call, pause)
+        chosen = await admitted_key(call)
+    return chosen
+
+
+async def admitted_key(call: Call) -> tuple[Target, KeyEntry, Admission | None] | None:
+    """The next key (`choose`), counted against its group's per-key caps: a key at a cap
+    is held out of this node's rotation until it has room, and another one is chosen."""
+    refusals = 0
+    while (chosen := choose(call, time.time())) is not None:
+        target, key = chosen
+        group = target.group
+        if group.caps is None:
+            return target, key, None
+        admission = await caps.admit(key.id, group.caps)
+        if admission.wait:
+            now = time.time()
+            group.pool.hold(key, now + admission.wait, now)
+        if admission.admitted:
+            return target, key, admission
+        refusals += 1
+        if refusals > keys_of(call):  # every key refused (each is held: a safety net)
+            break
+    return None
+
+
+def keys_of(call: Call) -> int:
+    entry = call.entry
+    assert entry is not None  # noqa: S101
+    if entry.is_aggregate:
+        return sum(len(member.pool) for member, _ in entry.members.items)
+    return len(entry.pool)
+
+
+def pools_to_wait_for(entry: GroupView, at: float) -> list[GroupView]:
+    """The groups whose keys a call may wait for: the group, or an aggregate's enabled
+    members; none that the pool-wide 429 backs off (that is answered at once)."""
+    groups = [m for m, _ in entry.members.items if m.enabled] if entry.is_aggregate else [entry]
+    return [g for g in groups if g.pool.backoff_until <= at]
+
+
+def key_wait(call: Call) -> float | None:
+    """Seconds until the first key comes back, if the call may wait that long (what is
+    left of the group's `key_wait_seconds`); None: answer now."""
+    entry = call.entry
+    assert entry is not None  # noqa: S101
+    room = entry.key_wait - call.key_waited
+    if room <= 0:
+        return None
+    at = time.time()
+    waits = [w for g in pools_to_wait_for(entry, at) if (w := g.pool.next_ready_in(at)) is not None]
+    if not waits or min(waits) > room:
+        return None
+    return min(waits)
+
+
+async def wait_for_return(call: Call, pause: float) -> None:
+    """Waits `pause` seconds for a key to come back (less if one does sooner). A client
+    that leaves meanwhile ends the call at once, logged as a 499."""
+    entry = call.entry
+    assert entry is not None  # noqa: S101
+    began = time.perf_counter()
+    try:
+        await wait_for_key([g.pool for g in pools_to_wait_for(entry, time.time())],
+                           pause + WAKE_MARGIN)  # fmt: skip
+    except asyncio.CancelledError:
+        call.settle(final=False)
+        with contextlib.suppress(ProxyError):
+            target = call.unprepared(entry) if entry.is_aggregate else call.target(entry)
+            Attempt(call, target, None, "").end(
+                499, error="client disconnected while waiting for a key", blameless=True
+            )
+        raise
+    finally:
+        spent = time.perf_counter() - began
+        call.key_waited += spent
+        call.waited += spent
 
 
 async def try_once(attempt: Attempt, base: str) -> ProxyResponse | None:
@@ -638,6 +757,8 @@ async def try_once(attempt: Attempt, base: str) -> ProxyResponse | None:
         raise
     call.waited += time.perf_counter() - sent
     status = upstream.status
+    if status != 429 and (rest := announced_rest(upstream.headers)) is not None:
+        key_states.rest(group.pool, key, *rest)  # nearly nothing left: rest, not a failure
     if status in group.failover_codes or status == 400:
         return await refused(attempt, upstream)
     if modellist.is_model_list(call.method, target.path) and (group.redirects or group.strict):

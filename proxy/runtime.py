@@ -34,6 +34,7 @@ from django.db import close_old_connections
 
 from gptload.lib.lifespan import Service, register
 from gptload.lib.upstream import OutboundProxy, outbound_proxy, upstream_session
+from keys.caps import caps
 from keys.states import KEYS_CHANNEL, from_other_node, key_states, write_states
 from logs import live
 from proxy import metrics
@@ -187,6 +188,7 @@ class Runtime:
                 settings.REDIS_DSN, socket_connect_timeout=2, socket_timeout=5
             )
             limits.use_redis(key_states.redis)
+            caps.use(key_states.redis)
             self._tasks.append(loop.create_task(self._listen(key_states.redis)))
 
     async def _watch(self) -> None:
@@ -198,6 +200,7 @@ class Runtime:
                 await self.flush_keys()
                 if key_states.redis is not None:
                     await live.counters.push(key_states.redis)
+                    await caps.renew()
                 await self._refresh()
             except Exception as exc:  # a process edge: keep serving the last snapshot
                 if not failing:  # once per outage, not every second
@@ -272,6 +275,8 @@ class Runtime:
             await key_states.drain()
             await limits.drain()
             limits.use_redis(None)
+            await caps.drain()
+            caps.use(None)
             await key_states.redis.aclose()
             key_states.redis = None
         self.upstreams, self.snapshot, self._first = {}, None, None

@@ -27,6 +27,7 @@ from gptload.lib.crypto import DecryptionError, current_cipher
 from gptload.lib.providers import provider_for
 from gptload.lib.providers.base import Provider
 from gptload.lib.providers.headers import HeaderRules
+from keys.caps import KeyCaps
 from keys.models import APIKey, Group, GroupSubGroup, KeyStatus
 from keys.states import KeyEntry, KeyPool, SharedState, key_states
 from settings_app import registry
@@ -98,6 +99,8 @@ class GroupView:
     timeout: aiohttp.ClientTimeout
     stream_timeout: aiohttp.ClientTimeout
     client: ClientSettings
+    caps: KeyCaps | None = None  # key_rpm, key_rpd, key_max_concurrency; None: no cap
+    key_wait: float = 0.0  # key_wait_seconds
     member_weights: tuple[tuple[int, int], ...] = ()
     members: WeightedPicker = field(default_factory=lambda: WeightedPicker([]))
 
@@ -140,7 +143,8 @@ def apply(previous: Snapshot, version: int, changes: set[Change]) -> Snapshot:
         return build(version, previous)
     views = dict(previous.by_id)
     system = previous.system
-    if any(scope == ChangeScope.SETTINGS for scope, _ in changes):
+    relink = any(scope == ChangeScope.SETTINGS for scope, _ in changes)
+    if relink:
         system = registry.effective(None, SystemSetting.objects.typed_values())
         for group in Group.objects.all():
             old = views.get(group.pk)
@@ -154,7 +158,7 @@ def apply(previous: Snapshot, version: int, changes: set[Change]) -> Snapshot:
             continue  # deleted
         pool = _load_pool(group_id, old.pool.keys if old is not None else {})
         views[group_id] = _view(row, system, pool, old)
-    if touched:
+    if touched or relink:  # every view rebuilt above must be linked to its members again
         aggregates = [v.id for v in views.values() if v.is_aggregate]
         memberships = GroupSubGroup.objects.filter(group_id__in=aggregates)
         _add_memberships(views, memberships)
@@ -221,8 +225,11 @@ def _entries(rows: Any, old_keys: dict[int, KeyEntry]) -> Iterable[KeyEntry]:
 
 def _view(group: Group, system: dict[str, Any], pool: KeyPool, old: GroupView | None) -> GroupView:
     settings = registry.effective(group.config, system)
+    caps = KeyCaps.of(settings)
     if old is not None:
         pool.backoff_until = max(pool.backoff_until, old.pool.backoff_until)
+        if old.caps != caps:
+            pool = _without_holds(pool)
     upstreams = [
         (str(u["url"]).rstrip("/"), int(u.get("weight", 1))) for u in group.upstreams or []
     ]
@@ -248,7 +255,19 @@ def _view(group: Group, system: dict[str, Any], pool: KeyPool, old: GroupView | 
         client=ClientSettings(str(settings["proxy_url"]), int(settings["max_idle_conns"]),
                               int(settings["max_idle_conns_per_host"]),
                               int(settings["idle_conn_timeout"])),
+        caps=caps, key_wait=float(settings["key_wait_seconds"]),
     )  # fmt: skip
+
+
+def _without_holds(pool: KeyPool) -> KeyPool:
+    """The group's caps changed: the keys held for the old ones come back now (the new
+    caps hold them again at their next pick if they must). A new pool, since the event
+    loop may be picking from the live one."""
+    for key in pool.keys.values():
+        key.held_until = 0.0
+    fresh = KeyPool(pool.keys.values())
+    fresh.backoff_until = pool.backoff_until
+    return fresh
 
 
 def _add_memberships(views: dict[int, GroupView], memberships: Iterable[GroupSubGroup]) -> None:

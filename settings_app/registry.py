@@ -1,4 +1,6 @@
-"""The typed registry of hot-reloadable settings (GPT-Load's 18, same keys and meanings).
+"""The typed registry of hot-reloadable settings: GPT-Load's 18 (same keys and meanings),
+and gptload's own per-key limits (`key_rpm`, `key_rpd`, `key_max_concurrency`,
+`key_wait_seconds`).
 
 Effective value of a setting for a group: the group's override (`Group.config`) if it has
 one, else the system value stored in `SystemSetting`, else the default here. Every writer
@@ -33,6 +35,7 @@ class SettingError(ValueError):
 BASIC = gettext_noop("Basic")
 REQUEST = gettext_noop("Request settings")
 KEYS = gettext_noop("Key configuration")
+LIMITS = gettext_noop("Key limits")
 STATUS_RANGE = re.compile(r"^(\d{3})(?:-(\d{3}))?$")
 # No count or duration needs more; beyond it `timedelta` and the schedulers overflow.
 MAXIMUM = 1_000_000
@@ -253,6 +256,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("key_validation_timeout_seconds", int, 20, gettext_noop("Key validation timeout (s)"),
             gettext_noop("Time allowed for one key validation call."),
             KEYS, minimum=1, group_overridable=True),
+    Setting("key_rpm", int, 0, gettext_noop("Requests per minute per key"),
+            gettext_noop("Most calls one upstream key is sent in any minute (across nodes, "
+                         "with Redis); a key at its cap leaves the rotation until the minute "
+                         "frees room. 0: no cap."),
+            LIMITS, minimum=0, group_overridable=True),
+    Setting("key_rpd", int, 0, gettext_noop("Requests per day per key"),
+            gettext_noop("Most calls one upstream key is sent in any 24 hours (across nodes, "
+                         "with Redis). 0: no cap."),
+            LIMITS, minimum=0, group_overridable=True),
+    Setting("key_max_concurrency", int, 0, gettext_noop("Concurrent calls per key"),
+            gettext_noop("Most calls in flight on one upstream key at once (a stream until its "
+                         "end; across nodes, with Redis). 0: no cap."),
+            LIMITS, minimum=0, group_overridable=True),
+    Setting("key_wait_seconds", int, 0, gettext_noop("Wait for a key (s)"),
+            gettext_noop("When every key is cooling or at its cap, how long a call may wait for "
+                         "the first one to come back instead of being answered 503 at once. "
+                         "0: no wait."),
+            LIMITS, minimum=0, maximum=120, group_overridable=True),
 )  # fmt: skip
 REGISTRY: dict[str, Setting] = {s.key: s for s in SETTINGS}
 GROUP_OVERRIDABLE = frozenset(s.key for s in SETTINGS if s.group_overridable)

@@ -3,7 +3,9 @@
 Tests point gptload groups at `FakeProvider.url` and choose what each upstream API key
 does with `provider.behave(key, Behaviour(...))`: answer normally, fail with a status in
 the provider's own error shape, wait before the first byte, space stream events, cut a
-stream, or hold it open after its last event. Every request is recorded
+stream, or hold it open after its last event. `provider.limit(key, Quota(...))` gives a
+key a rate limit of its own, announced in every answer's headers as OpenAI or Anthropic
+announce theirs, and enforced with 429 once spent. Every request is recorded
 (`provider.requests`) with the credential it carried.
 
 Like the real providers, it compresses what it answers (JSON and streams alike) in the
@@ -27,6 +29,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import re
 import signal
 import socket
@@ -36,6 +39,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,6 +58,7 @@ from tests.fakeprovider_errors import (
     REASONS,
     UNREGISTERED_CALLER,
     Family,
+    duration,
     error_body,
     openai_ratelimit_headers,
 )
@@ -96,6 +101,7 @@ __all__ = [
     "Behaviour",
     "Coding",
     "FakeProvider",
+    "Quota",
     "Received",
     "choose_coding",
     "chunk_text",
@@ -180,6 +186,34 @@ class Behaviour:
             raise ValueError(f"unknown codings {sorted(unknown)}; known: {CODINGS}")
 
 
+@dataclass(frozen=True)
+class Quota:
+    """A rate limit of one key, as a provider keeps it: `requests` calls and `tokens`
+    tokens (`TOTAL_TOKENS` a call) per `window` seconds, the window starting at the
+    key's first call after the last one ended (None: no such limit).
+
+    Every answer within the quota announces what is left, in the headers of `style`:
+    OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` (resets as
+    durations, `1s`, `6m0s`) or Anthropic's `anthropic-ratelimit-{requests,tokens}-
+    {limit,remaining,reset}` (resets as RFC 3339 times). A call beyond it is answered 429
+    with `Retry-After`, and the same headers saying nothing is left.
+    """
+
+    requests: int | None = None
+    tokens: int | None = None
+    window: float = 60.0
+    style: Literal["openai", "anthropic"] = "openai"
+
+
+@dataclass
+class Spent:
+    """What a key has spent of its quota in the current window."""
+
+    began: float = 0.0
+    requests: int = 0
+    tokens: int = 0
+
+
 @dataclass
 class Received:
     """One request as the fake provider saw it, and how it ended.
@@ -210,6 +244,7 @@ class Received:
     family: Family
     stream: bool
     started: float
+    ended: float | None = None  # when its handler finished (time.monotonic())
     status: int | None = None
     encoding: Coding | None = None
     events_sent: int = 0
@@ -245,6 +280,8 @@ class FakeProvider(BackgroundServer):
         self._requests: list[Received] = []
         self._behaviours: dict[str, Behaviour] = {}
         self._default = Behaviour()
+        self._quotas: dict[str, Quota] = {}
+        self._spent: dict[str, Spent] = {}
         self._disconnects = 0
         self._in_progress = 0
         self._count = itertools.count(1)
@@ -338,6 +375,38 @@ class FakeProvider(BackgroundServer):
         with self._changed:
             self._default = behaviour
 
+    def limit(self, key: str, quota: Quota | None) -> None:
+        """Requests carrying `key` are counted against `quota` from now on (None: no
+        quota); its window starts afresh."""
+        with self._changed:
+            self._spent.pop(key, None)
+            if quota is None:
+                self._quotas.pop(key, None)
+            else:
+                self._quotas[key] = quota
+
+    def charge(self, key: str | None) -> tuple[bool, dict[str, str]]:
+        """Counts a call on `key` against its quota: whether it is within it, and the
+        headers announcing what is left (none without a quota)."""
+        with self._changed:
+            quota = self._quotas.get(key or "")
+            if quota is None or key is None:
+                return True, {}
+            now = time.time()
+            spent = self._spent.setdefault(key, Spent(now))
+            if now >= spent.began + quota.window:
+                spent.began, spent.requests, spent.tokens = now, 0, 0
+            within = (quota.requests is None or spent.requests < quota.requests) and (
+                quota.tokens is None or spent.tokens < quota.tokens
+            )
+            if within:
+                spent.requests += 1
+                spent.tokens += TOTAL_TOKENS
+            headers = quota_headers(quota, spent, now)
+            if not within:
+                headers["Retry-After"] = str(max(1, math.ceil(spent.began + quota.window - now)))
+            return within, headers
+
     def behaviour_for(self, key: str | None) -> Behaviour:
         with self._changed:
             return self._behaviours.get(key or "", self._default)
@@ -380,6 +449,8 @@ class FakeProvider(BackgroundServer):
             self._disconnects = 0
             self._behaviours.clear()
             self._default = Behaviour()
+            self._quotas.clear()
+            self._spent.clear()
 
     def wait_for_requests(self, count: int, timeout: float = 5.0) -> bool:
         """Waits until `count` requests were received; False if `timeout` passed first."""
@@ -468,6 +539,7 @@ class FakeProvider(BackgroundServer):
             call.client_left()
             raise
         finally:
+            received.ended = time.monotonic()
             with self._changed:
                 self._in_progress -= 1
             self._note_change()
@@ -491,6 +563,9 @@ class FakeProvider(BackgroundServer):
             return call.missing_key()
         if behaviour.invalid_key_message:
             return call.error(400, INVALID_KEY_MESSAGE, invalid_key=True)
+        within, call.quota_headers = self.charge(call.received.key)
+        if not within:
+            return call.error(429)
         if behaviour.body is not None:
             return call.raw(behaviour.status, behaviour.body)
         if behaviour.status >= 400:
@@ -527,6 +602,7 @@ class Call:
             else None
         )
         self.created = int(time.time())
+        self.quota_headers: dict[str, str] = {}
         payload = received.json if isinstance(received.json, dict) else {}
         self.body: dict[str, Any] = payload
         gemini = GEMINI_GENERATE.match(request.path)
@@ -549,6 +625,7 @@ class Call:
             headers["Retry-After"] = self.behaviour.retry_after
         if self.behaviour.ratelimit_headers and self.received.family == "openai":
             headers.update(openai_ratelimit_headers(status, self.behaviour.retry_after))
+        headers.update(self.quota_headers)
         if self.compress:
             # Set even when the answer goes out uncompressed: it depends on the header.
             headers["Vary"] = "Accept-Encoding"
@@ -678,6 +755,32 @@ class Call:
         except ConnectionError:
             self.client_left()
         return response
+
+
+def quota_headers(quota: Quota, spent: Spent, now: float) -> dict[str, str]:
+    """The headers announcing what is left of `quota`, in its style."""
+    reset_at = spent.began + quota.window
+    left = {}
+    if quota.requests is not None:
+        left["requests"] = (quota.requests, max(0, quota.requests - spent.requests))
+    if quota.tokens is not None:
+        left["tokens"] = (quota.tokens, max(0, quota.tokens - spent.tokens))
+    headers: dict[str, str] = {}
+    for kind, (limit, remaining) in left.items():
+        if quota.style == "openai":
+            prefix, suffix = "x-ratelimit-", f"-{kind}"
+            reset = duration(max(0.0, reset_at - now))
+            names = (
+                f"{prefix}limit{suffix}",
+                f"{prefix}remaining{suffix}",
+                f"{prefix}reset{suffix}",
+            )
+        else:
+            prefix = f"anthropic-ratelimit-{kind}-"
+            reset = datetime.fromtimestamp(math.ceil(reset_at), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            names = (f"{prefix}limit", f"{prefix}remaining", f"{prefix}reset")
+        headers.update(zip(names, (str(limit), str(remaining), reset), strict=True))
+    return headers
 
 
 # -- requests --------------------------------------------------------------------------

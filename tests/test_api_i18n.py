@@ -84,12 +84,20 @@ def test_a_refused_setting_is_explained_in_chinese(api):
 
 def test_settings_come_with_translated_categories_names_and_descriptions(api):
     categories = envelope(api.get("/api/settings", **ZH), 200)["data"]
-    assert [c["category_name"] for c in categories] == ["基础参数", "请求设置", "密钥配置"]
+    assert [c["category_name"] for c in categories] == [
+        "基础参数",
+        "请求设置",
+        "密钥配置",
+        "密钥限额",
+    ]
     retries = next(s for s in categories[2]["settings"] if s["key"] == "max_retries")
     assert (retries["name"], retries["category"]) == ("最大重试次数", "密钥配置")
     assert retries["description"] == "错误返回给客户端之前的额外尝试次数，每次换用另一个密钥。"
     options = envelope(api.get("/api/groups/config-options", **JA), 200)["data"]
     assert next(o for o in options if o["key"] == "max_retries")["name"] == "最大リトライ回数"
+    assert next(o for o in options if o["key"] == "key_wait_seconds")["name"] == (
+        "キーの待機時間（秒）"
+    )
 
 
 def test_a_missing_admin_key_is_refused_in_the_callers_language(client):

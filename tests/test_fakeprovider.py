@@ -14,6 +14,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -41,6 +42,7 @@ from tests.fakeprovider import (
     Behaviour,
     Coding,
     FakeProvider,
+    Quota,
     Received,
     choose_coding,
     chunk_text,
@@ -1051,6 +1053,37 @@ def test_ratelimit_headers_are_openais_alone(provider):
         response = httpx.post(provider.url + path, json={}, headers=headers)
         assert response.status_code == 429
         assert not set(RATELIMIT_HEADERS) & set(response.headers)
+
+
+def test_a_quota_announces_what_is_left_and_refuses_once_spent(provider):
+    provider.limit("k", Quota(requests=2, tokens=10_000, window=30))
+    first, second, third = (post_chat(provider, "k", json={}) for _ in range(3))
+    assert (first.status_code, second.status_code, third.status_code) == (200, 200, 429)
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert first.headers["x-ratelimit-remaining-tokens"] == str(10_000 - TOTAL_TOKENS)
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert second.headers["x-ratelimit-remaining-requests"] == "0"
+    assert re.fullmatch(r"(29(\.\d+)?|30)s", second.headers["x-ratelimit-reset-requests"])
+    assert third.headers["x-ratelimit-remaining-requests"] == "0"
+    assert 29 <= int(third.headers["retry-after"]) <= 30
+    assert "x-ratelimit-remaining-requests" not in post_chat(provider, "other", json={}).headers
+    provider.limit("k", None)
+    assert post_chat(provider, "k", json={}).status_code == 200
+
+
+def test_a_quota_speaks_anthropics_headers_and_its_window_starts_again(provider):
+    provider.limit("sk-ant-ok", Quota(tokens=TOTAL_TOKENS, window=1, style="anthropic"))
+    answer = httpx.post(provider.url + "/v1/messages", json={"max_tokens": 5},
+                        headers={"x-api-key": "sk-ant-ok"})  # fmt: skip
+    assert answer.headers["anthropic-ratelimit-tokens-remaining"] == "0"
+    assert answer.headers["anthropic-ratelimit-tokens-limit"] == str(TOTAL_TOKENS)
+    reset = datetime.fromisoformat(answer.headers["anthropic-ratelimit-tokens-reset"])
+    assert 0 < reset.timestamp() - time.time() <= 2
+    assert "x-ratelimit-remaining-tokens" not in answer.headers
+    with pytest.raises(anthropic.RateLimitError):
+        anthropic_client(provider).messages.create(model="m", max_tokens=5, messages=[])
+    time.sleep(1.1)
+    assert anthropic_client(provider).messages.create(model="m", max_tokens=5, messages=[])
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,8 @@ import uvicorn
 from django.conf import settings as django_settings
 
 from conftest import free_port
+from keys.caps import PREFIX as CAPS_PREFIX
+from keys.caps import LocalCounts, caps
 from keys.models import APIKey, Group
 from keys.states import KEY_STATES
 from proxy.pipeline import limiter
@@ -71,10 +73,12 @@ def make_group(provider, settings):
         return group
 
     provider.reset()
+    caps.local = LocalCounts()  # counts of an earlier test's keys, whose ids come again
     if django_settings.REDIS_DSN:  # states shared by an earlier run name other keys
         import redis
 
-        redis.Redis.from_url(django_settings.REDIS_DSN).delete(KEY_STATES)
+        shared = redis.Redis.from_url(django_settings.REDIS_DSN)
+        shared.delete(KEY_STATES, *shared.keys(CAPS_PREFIX + "*"))
     yield make
     # The test's last log rows are written before the next test starts.
     wait_until(lambda: limiter.inflight == 0 and recorder.idle)

@@ -18,6 +18,7 @@ from conftest import ON_REDIS
 from keys.models import APIKey, Group, GroupSubGroup, GroupType, KeyStatus
 from logs.models import RequestLog
 from proxy.tests.conftest import PROXY_KEY, proxy_url, wait_until
+from settings_app.models import SystemSetting
 from tests.fakeprovider import OPENAI_MODELS, Behaviour, full_text
 from tests.forwardproxy import ForwardProxy
 
@@ -125,6 +126,18 @@ def test_an_aggregate_retries_on_another_member(gateway, provider, make_group):
         ("retry", "broken", "agg", 500),
         ("final", "healthy", "agg", 200),
     ]
+
+
+def test_an_aggregate_keeps_its_members_through_a_system_settings_change(
+    gateway, provider, make_group
+):
+    make_group(name="member", keys=("m1",))
+    make_aggregate(make_group, {"member": 1})
+    assert client(gateway, "agg").chat.completions.create(**CHAT).choices
+    SystemSetting.objects.update_or_create(setting_key="max_retries",
+                                           defaults={"setting_value": "2"})  # fmt: skip
+    assert client(gateway, "agg").chat.completions.create(**CHAT).choices
+    assert provider.keys_used() == ["m1", "m1"]
 
 
 def test_model_lists_follow_the_redirect_rules(gateway, make_group):

@@ -33,7 +33,7 @@ def by_key(categories: list[dict]) -> dict[str, dict]:
 def test_settings_come_by_category_with_their_metadata(admin_api, stored):
     categories = admin_api.data(admin_api.get("/settings"))
     assert [c["category_name"] for c in categories] == [
-        "Basic", "Request settings", "Key configuration",
+        "Basic", "Request settings", "Key configuration", "Key limits",
     ]  # fmt: skip
     settings = by_key(categories)
     assert list(settings) == [s.key for s in registry.SETTINGS]
@@ -97,7 +97,7 @@ def test_an_unchanged_value_is_not_rewritten(admin_api, stored, django_capture_o
 
 def test_an_empty_map_changes_nothing(admin_api, stored):
     before = stored_values()
-    assert len(admin_api.data(admin_api.put("/settings", {}))) == 3
+    assert len(admin_api.data(admin_api.put("/settings", {}))) == 4
     assert stored_values() == before
 
 

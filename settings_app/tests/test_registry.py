@@ -20,8 +20,23 @@ GPT_LOAD_KEYS = {
 }  # fmt: skip
 
 
-def test_it_has_gpt_loads_18_settings_with_their_group_flags():
-    assert {s.key: s.group_overridable for s in registry.SETTINGS} == GPT_LOAD_KEYS
+# gptload's own: per-key limits, every one a group may override.
+OWN_KEYS = {"key_rpm": True, "key_rpd": True, "key_max_concurrency": True,
+            "key_wait_seconds": True}  # fmt: skip
+
+
+def test_it_has_gpt_loads_18_settings_with_their_group_flags_and_our_key_limits():
+    assert {s.key: s.group_overridable for s in registry.SETTINGS} == GPT_LOAD_KEYS | OWN_KEYS
+
+
+def test_key_limits_default_to_none_and_key_wait_seconds_is_bounded():
+    defaults = registry.defaults()
+    assert [defaults[k] for k in OWN_KEYS] == [0, 0, 0, 0]
+    assert registry.validate_group_config({"key_rpm": "60", "key_wait_seconds": 120}) == {
+        "key_rpm": 60, "key_wait_seconds": 120}  # fmt: skip
+    for bad in ({"key_wait_seconds": 121}, {"key_rpm": -1}, {"key_max_concurrency": 1.5}):
+        with pytest.raises(SettingError):
+            registry.validate_group_config(bad)
 
 
 def test_defaults_match_gpt_load_where_we_do_not_argue_otherwise():
