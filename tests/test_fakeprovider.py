@@ -454,6 +454,10 @@ def test_body_delay_holds_a_plain_answer_halfway(provider):
         body = response.read()
         assert time.monotonic() - began >= 0.25  # the headers came a moment before the wait
     assert json.loads(body)["choices"][0]["message"]["content"] == full_text()
+    # The handler notes its end just after its last write, which the client may read first.
+    deadline = time.monotonic() + 2
+    while not provider.requests[0].finished and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert provider.requests[0].finished
 
 
