@@ -36,6 +36,8 @@ from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 
 log = logging.getLogger("gptload.proxy")
 WINDOW = 60  # seconds in the per-minute windows
@@ -125,7 +127,6 @@ def reservation(data: dict[str, Any] | None, body_size: int) -> int:
 class Calendar:
     """A day and its month in the `TZ` zone, with the times (Unix seconds) they end."""
 
-    zone: str
     day: str
     day_starts: float
     day_ends: float
@@ -134,18 +135,25 @@ class Calendar:
 
     @classmethod
     def of(cls, now: float) -> Calendar:
-        zone = str(settings.TIME_ZONE)
-        moment = datetime.fromtimestamp(now, ZoneInfo(zone))
+        moment = datetime.fromtimestamp(now, ZoneInfo(str(settings.TIME_ZONE)))
         start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
         midnight = (moment + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
         first = (moment.replace(day=28) + timedelta(days=4)).replace(
             day=1, hour=0, minute=0, second=0, microsecond=0
         )
-        return cls(zone, moment.strftime("%Y%m%d"), start.timestamp(), midnight.timestamp(),
+        return cls(moment.strftime("%Y%m%d"), start.timestamp(), midnight.timestamp(),
                    moment.strftime("%Y%m"), first.timestamp())  # fmt: skip
 
 
 _calendar: Calendar | None = None
+
+
+@receiver(setting_changed)
+def _forget_calendar(setting: str, **kwargs: Any) -> None:
+    """A new `TZ` (tests change it) starts a new calendar."""
+    global _calendar
+    if setting == "TIME_ZONE":
+        _calendar = None
 
 
 def calendar(now: float) -> tuple[str, int, str, int]:
@@ -153,8 +161,7 @@ def calendar(now: float) -> tuple[str, int, str, int]:
     (worked out once a day: a call pays a comparison)."""
     global _calendar
     known = _calendar
-    if (known is None or not known.day_starts <= now < known.day_ends
-            or known.zone != settings.TIME_ZONE):  # fmt: skip
+    if known is None or not known.day_starts <= now < known.day_ends:
         known = _calendar = Calendar.of(now)
     return (known.day, max(1, math.ceil(known.day_ends - now)),
             known.month, max(1, math.ceil(known.month_ends - now)))  # fmt: skip
