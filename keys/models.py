@@ -230,7 +230,7 @@ class APIKeyQuerySet(models.QuerySet["APIKey"]):
         places: dict[int, Place] = {}
         for start in range(0, len(ids), LOCK_BATCH):
             chunk = ids[start : start + LOCK_BATCH]
-            locked = self._by_ids(chunk).order_by("pk").select_for_update()
+            locked = self.uncounted(chunk).order_by("pk").select_for_update()
             rows = {pk: (group_id, status) for pk, group_id, status
                     in locked.values_list("pk", "group_id", "status")}  # fmt: skip
             for pk in self.filter(pk__in=chunk).values_list("pk", flat=True):
@@ -249,9 +249,7 @@ class APIKeyQuerySet(models.QuerySet["APIKey"]):
             for old_group, old_status in places.values():
                 moves[(old_group, old_status)] -= 1
                 moves[(group_id or old_group, fields.get("status", old_status))] += 1
-            changed = sum(
-                models.QuerySet.update(self._by_ids(ids), **fields) for ids in _batches(places)
-            )
+            changed = sum(self.uncounted(ids).update(**fields) for ids in _batches(places))
             KeyTally.objects.add(moves)
         return changed
 
@@ -260,12 +258,10 @@ class APIKeyQuerySet(models.QuerySet["APIKey"]):
             places = self.places()
             deleted, by_model = 0, Counter[str]()
             for ids in _batches(places):
-                count, counts = models.QuerySet.delete(self._by_ids(ids))
+                count, counts = self.uncounted(ids).delete()
                 deleted += count
                 by_model.update(counts)
-            KeyTally.objects.add(
-                Counter({place: -n for place, n in Counter(places.values()).items()})
-            )
+            KeyTally.objects.add(leaving(places))
         return deleted, dict(by_model)
 
     def remove(self) -> int:
@@ -273,10 +269,8 @@ class APIKeyQuerySet(models.QuerySet["APIKey"]):
         and no per-row signal is sent (`delete()` sends `post_delete` for each key)."""
         with transaction.atomic(using=self.db):
             places = self.places()
-            deleted = sum(self._by_ids(ids)._raw_delete(self.db) for ids in _batches(places))
-            KeyTally.objects.add(
-                Counter({place: -n for place, n in Counter(places.values()).items()})
-            )
+            deleted = sum(self.uncounted(ids)._raw_delete(self.db) for ids in _batches(places))
+            KeyTally.objects.add(leaving(places))
         return deleted
 
     def bulk_create(self, objs: Iterable[APIKey], *args: Any, **kwargs: Any) -> list[APIKey]:
@@ -300,10 +294,16 @@ class APIKeyQuerySet(models.QuerySet["APIKey"]):
                 KeyTally.objects.recount({key.group_id for key in keys})
         return changed
 
-    def _by_ids(self, ids: Sequence[int]) -> models.QuerySet[APIKey]:
-        """The rows by id alone, through the plain QuerySet (the writes above count)."""
+    def uncounted(self, ids: Sequence[int]) -> models.QuerySet[APIKey]:
+        """The rows by id alone, through the plain QuerySet: its writes do not move the
+        tally, so the caller, having locked the rows (`places()`), moves it."""
         rows: models.QuerySet[APIKey] = models.QuerySet(self.model, using=self.db)
         return rows.filter(pk__in=ids)
+
+
+def leaving(places: Mapping[int, Place]) -> Counter[Place]:
+    """The tally's moves when the keys of `places` go."""
+    return Counter({place: -n for place, n in Counter(places.values()).items()})
 
 
 def _batches(places: Mapping[int, Place]) -> Iterable[list[int]]:

@@ -43,7 +43,6 @@ from typing import Any
 import orjson
 from django.conf import settings
 from django.db import transaction
-from django.db.models import QuerySet
 from django.utils import timezone
 
 from gptload.lib.providers.base import looks_like_invalid_key
@@ -620,7 +619,7 @@ def write_states(keys: list[KeyEntry], errors: dict[int, str]) -> None:
             if key.id in errors:
                 fields["last_error"] = errors[key.id]
             # The rows are locked and their places read above: a plain UPDATE each.
-            QuerySet.update(QuerySet(APIKey).filter(pk=key.id), **fields)
+            APIKey.objects.uncounted([key.id]).update(**fields)
             group_id, status = places[key.id]
             if status != key.status:
                 moves[(group_id, status)] -= 1
