@@ -34,6 +34,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
+
+from gptload.lib.dsn import database_tag
 from keys.states import NODE
 
 log = logging.getLogger("gptload.keys")
@@ -43,7 +46,7 @@ RECHECK = 1.0  # seconds a key whose concurrency slots are full stays out of rot
 LEASE = 60.0  # seconds a concurrency slot outlives its node's last renewal
 RENEW_EVERY = LEASE / 3
 REDIS_RETRY = 5.0  # seconds of counting in-process after Redis failed, before trying again
-PREFIX = "gptload:key-cap:"
+PREFIX = "gptload:key-cap:"  # then the database's tag (`database_tag`: key ids are its)
 
 # KEYS: in-flight slots (sorted set), minute slices (hash), day slices (hash).
 # ARGV: concurrency cap, rpm cap, rpd cap (0: none), the slot's name, the lease (ms).
@@ -251,6 +254,7 @@ class KeyCapCounter:
     def __init__(self) -> None:
         self.local = LocalCounts()
         self.redis: Any = None  # redis.asyncio client (`use`)
+        self.prefix = PREFIX
         self._admit: Any = None
         self._renew: Any = None
         self.leases: dict[str, tuple[str, float]] = {}  # slot → its set, last renewed
@@ -264,6 +268,7 @@ class KeyCapCounter:
         self.redis = redis
         if redis is not None:
             self._admit, self._renew = redis.register_script(ADMIT), redis.register_script(RENEW)
+            self.prefix = f"{PREFIX}{database_tag(settings.DATABASES['default'])}:"
 
     async def admit(self, key_id: int, caps: KeyCaps) -> Admission:
         """Counts an attempt on key `key_id`, or refuses it (the key is at a cap)."""
@@ -272,7 +277,7 @@ class KeyCapCounter:
         if redis is None or (failed is not None and time.monotonic() - failed < REDIS_RETRY):
             return self.local.admit(key_id, caps, time.time())
         slot = f"{NODE}:{next(self._serial)}" if caps.concurrency else ""
-        keys = [f"{PREFIX}{{{key_id}}}:{name}" for name in ("inflight", "minute", "day")]
+        keys = [f"{self.prefix}{{{key_id}}}:{name}" for name in ("inflight", "minute", "day")]
         try:
             admitted, wait_ms, cap, count = await self._admit(
                 keys, [caps.concurrency, caps.rpm, caps.rpd, slot, int(LEASE * 1000)]

@@ -24,12 +24,10 @@ because its counter is away would be worse than a limit counted per node for a w
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
 import math
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -39,10 +37,12 @@ from django.conf import settings
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
+from gptload.lib.dsn import database_tag
+from keys.states import NODE
+
 log = logging.getLogger("gptload.proxy")
 WINDOW = 60  # seconds in the per-minute windows
-PROCESS = uuid.uuid4().hex[:12] + ":"  # tickets are this process's, numbered
-NUMBERS = itertools.count()
+NUMBERS = itertools.count()  # tickets are this process's (`NODE`), numbered
 INFLIGHT_TTL = 900  # seconds after which a call's slot is freed if nobody settled it (a dead node)
 # When a call states no output bound, this many tokens are reserved for its answer.
 DEFAULT_OUTPUT = 4096
@@ -78,7 +78,7 @@ class Ticket:
     reserved: int  # tokens added to the day and the month
     day: str
     month: str
-    id: str = field(default_factory=lambda: f"{PROCESS}{next(NUMBERS)}")
+    id: str = field(default_factory=lambda: f"{NODE}:{next(NUMBERS)}")
     settled: bool = False
 
 
@@ -275,11 +275,6 @@ class LocalLimits:
         if ticket.month == counters.month:
             counters.month_used = max(0, counters.month_used + used - ticket.reserved)
 
-    def forget(self, keep: set[int]) -> None:
-        """Drops the counters of access keys that no longer exist."""
-        for access_id in [a for a in self.keys if a not in keep]:
-            del self.keys[access_id]
-
 
 # In Redis ------------------------------------------------------------------------------------
 
@@ -379,12 +374,9 @@ LIMIT_NAMES = ("", "rpm", "tpm", "daily_tokens", "monthly_tokens", "max_concurre
 
 
 def redis_prefix() -> str:
-    """Where this installation's counters live in Redis: access key ids are its database's,
-    so the database is in the name (two installations, or a test run's databases, may
-    share one Redis)."""
-    db = settings.DATABASES["default"]
-    where = f"{db.get('HOST') or ''}:{db.get('PORT') or ''}/{db['NAME']}"
-    return f"gptload:access:{hashlib.sha256(where.encode()).hexdigest()[:12]}:"
+    """Where this installation's counters live in Redis (access key ids are its
+    database's: `database_tag`)."""
+    return f"gptload:access:{database_tag(settings.DATABASES['default'])}:"
 
 
 def redis_keys(prefix: str, access_id: int, day: str, month: str) -> list[str]:

@@ -10,6 +10,7 @@ Database forms:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -23,6 +24,15 @@ from gptload.lib.env import ConfigError
 
 DATABASE = "DATABASE_DSN"
 REDIS = "REDIS_DSN"
+
+
+def database_tag(db: dict[str, Any]) -> str:
+    """A short name of a Django database (host, port, name), for the Redis keys that hold
+    its row ids: two installations (or a test run's databases) sharing one Redis never
+    mix their counters."""
+    where = f"{db.get('HOST') or ''}:{db.get('PORT') or ''}/{db['NAME']}"
+    return hashlib.sha256(where.encode()).hexdigest()[:12]
+
 
 # GPT-Load (Go driver) form: user:password@tcp(host:port)/dbname?param=value
 GO_MYSQL = re.compile(
